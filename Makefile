@@ -1,0 +1,89 @@
+# dBOT transfer suite. `make help` lists targets and variables.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+MODEL       ?= tiny
+DATA        ?=
+CKPT        ?=
+RUNS        ?= runs
+NGPUS       ?= 1
+NNODES      ?= 1
+NODE_RANK   ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+ARGS        ?=
+TINY        := data/tiny
+PYTEST_ARGS ?=
+
+# One process: plain python. Several: torchrun (same command on every node, with NODE_RANK set per node).
+ifeq ($(NGPUS)$(NNODES),11)
+LAUNCH = $(PY) -m
+else
+LAUNCH = $(VENV)/bin/torchrun --nnodes=$(NNODES) --nproc_per_node=$(NGPUS) --node_rank=$(NODE_RANK) \
+	--master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) -m
+endif
+
+PRETRAIN_DATA = $(if $(DATA),$(DATA),$(TINY)/imagenet)
+TINY_DEPS     = $(if $(DATA),,$(TINY)/imagenet/.done)
+
+.PHONY: help venv demo pretrain test test-all lint format bench clean
+
+help: ## this list
+	@echo "dBOT transfer suite"
+	@echo
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1|\2/' | column -t -s '|'
+	@echo
+	@echo "Variables (default):"
+	@echo "  MODEL=$(MODEL)        recipe / size: tiny small base large huge"
+	@echo "  DATA=                 dataset root (ImageNet layout for pretrain); empty = generated tiny data"
+	@echo "  CKPT=                 checkpoint to start a downstream task from"
+	@echo "  RUNS=$(RUNS)          folder for run outputs (<RUNS>/<task>-<MODEL>)"
+	@echo "  NGPUS=$(NGPUS) NNODES=$(NNODES)   processes per node / nodes (>1 launches torchrun)"
+	@echo "  NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)   multi-node rendezvous"
+	@echo "  ARGS=                 extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
+	@echo "  PYTHON=$(PYTHON)      interpreter used to create $(VENV)"
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	@touch $@
+
+venv: $(VENV)/.installed ## create/refresh the virtual environment in .venv
+
+$(TINY)/imagenet/.done: tools/datasets.py | $(VENV)/.installed
+	rm -rf $(TINY)/imagenet
+	$(PY) -m tools.datasets imagenet --out $(TINY)/imagenet
+	@touch $@
+
+demo: venv ## the whole tiny chain on CPU (so far: pretrain)
+	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1
+
+pretrain: venv $(TINY_DEPS) ## dBOT pretraining (tiny data by default; DATA=imagenet MODEL=base NGPUS=8 ...)
+	$(LAUNCH) pretrain -c $(MODEL) data.root=$(PRETRAIN_DATA) out=$(RUNS)/pretrain-$(MODEL) $(ARGS)
+
+test: venv ## lint + the fast test suite (includes one tiny end-to-end run)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv ## every test, the slow end-to-end ones too
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv ## apply ruff formatting and safe fixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: venv ## throughput benchmarks (MODEL=tiny on CPU by default); see docs/BENCHMARKS.md
+	$(PY) -m tools.bench pretrain --model $(MODEL) $(ARGS)
+
+clean: ## remove generated data and runs (keeps .venv)
+	rm -rf $(TINY) $(RUNS)

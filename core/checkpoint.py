@@ -1,0 +1,208 @@
+"""Checkpoint I/O shared by every task.
+
+- `save`: atomic (temporary file in the same folder, fsync, rename), so a killed run never leaves a
+  half-written checkpoint under the real name.
+- `load`: never executes pickled code: `.safetensors` through safetensors, everything else through
+  `torch.load(weights_only=True)` with only the harmless extra types published checkpoints carry
+  (`argparse.Namespace` in MAE's and dBOT's files) allowed.
+- `state_dict_of`: the weights inside the containers in circulation (`{'model': ...}` from MAE/dBOT,
+  `{'state_dict': ...}` from OpenMMLab, plain state dicts from timm), `module.` prefixes removed.
+- `load_weights`: copy a state dict into a model with a full report (missing, unexpected, reshaped,
+  dropped) and a clear error for shapes that cannot be adapted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Non-tensor types found in published checkpoints that are safe to rebuild.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit; the message names the file and the key."""
+
+
+def save(obj, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load(path: str | os.PathLike, map_location="cpu"):
+    """Read a `.pth`/`.pt`/`.bin`/`.safetensors` file without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as e:  # noqa: BLE001 - any decode failure is reported with the path
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Only tensors, plain containers and argparse.Namespace are accepted; re-save the weights "
+            "(e.g. as safetensors) if the file holds other objects."
+        ) from None
+
+
+STATE_KEYS = ("model", "state_dict", "module", "model_ema", "teacher")
+
+
+def state_dict_of(obj, path: str | os.PathLike = "<checkpoint>", key: str | None = None) -> dict:
+    """The weights in a loaded checkpoint object, with DDP `module.` prefixes stripped.
+
+    key: take this entry (e.g. "teacher"); otherwise the first of `STATE_KEYS` present, or `obj` itself
+    if it already maps names to tensors.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
+    if key is not None:
+        if key not in obj:
+            raise CheckpointError(f"{path}: no entry {key!r}; top-level keys: {sorted(obj)[:20]}")
+        sd = obj[key]
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = obj
+    else:
+        found = [k for k in STATE_KEYS if isinstance(obj.get(k), Mapping)]
+        if not found:
+            raise CheckpointError(
+                f"{path}: no weights found; expected a state dict or one of the keys {list(STATE_KEYS)}, "
+                f"found top-level keys {sorted(map(str, obj))[:20]}"
+            )
+        sd = obj[found[0]]
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        while k.startswith("module."):
+            k = k[len("module.") :]
+        out[k] = v
+    if not out:
+        raise CheckpointError(f"{path}: the weights entry holds no tensors")
+    return out
+
+
+def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict:
+    return state_dict_of(load(path), path, key)
+
+
+@dataclass
+class LoadReport:
+    """What happened when weights were copied into a model."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    adapted: dict[str, str] = field(default_factory=dict)  # name -> "old shape -> new shape"
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.adapted:
+            lines.append("adapted: " + "; ".join(f"{k} {v}" for k, v in self.adapted.items()))
+        if self.missing:
+            lines.append(f"missing ({len(self.missing)}): {_abbrev(self.missing)}")
+        if self.unexpected:
+            lines.append(f"unexpected/dropped ({len(self.unexpected)}): {_abbrev(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def _abbrev(names: list[str], n: int = 12) -> str:
+    return ", ".join(names[:n]) + (f", ... (+{len(names) - n})" if len(names) > n else "")
+
+
+Adapter = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str = "<state dict>",
+    adapters: Iterable[Adapter] = (),
+    allow_missing: Callable[[str], bool] = lambda name: False,
+    ignore: Callable[[str], bool] = lambda name: False,
+    strict: bool = True,
+) -> LoadReport:
+    """Copy `state_dict` into `model` and report.
+
+    adapters: functions `(name, tensor, target) -> tensor or None` tried in order for a shape mismatch
+    (e.g. position-embedding resizing); the first that returns a tensor of the target's shape wins.
+    allow_missing: model keys that may stay at their initial value (new heads, relative-position tables).
+    ignore: checkpoint keys dropped silently (decoders, mask tokens, heads).
+    strict: raise CheckpointError if keys are missing (beyond `allow_missing`) or unexpected (beyond
+    `ignore`). A shape no adapter can fix is always an error.
+    """
+    own = model.state_dict()
+    report = LoadReport()
+    new_sd = {}
+    problems = []
+    for name, tensor in state_dict.items():
+        if name not in own:
+            if not ignore(name):
+                report.unexpected.append(name)
+            continue
+        target = own[name]
+        if tensor.shape != target.shape:
+            fixed = None
+            for adapt in adapters:
+                fixed = adapt(name, tensor, target)
+                if fixed is not None and fixed.shape == target.shape:
+                    break
+                fixed = None
+            if fixed is None:
+                problems.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+                continue
+            report.adapted[name] = f"{tuple(tensor.shape)} -> {tuple(target.shape)}"
+            tensor = fixed
+        new_sd[name] = tensor.to(target.dtype)
+        report.loaded.append(name)
+    if problems:
+        raise CheckpointError(
+            f"{source}: {len(problems)} tensor(s) do not fit the model (is it the right model size?): "
+            + "; ".join(problems[:6])
+            + (" ..." if len(problems) > 6 else "")
+        )
+    report.missing = [k for k in own if k not in new_sd and not allow_missing(k)]
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointError(f"{source}: does not match the model.\n{report.summary()}")
+    model.load_state_dict(new_sd, strict=False)
+    return report

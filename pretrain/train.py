@@ -1,0 +1,530 @@
+"""dBOT pretraining loop: `python -m pretrain -c RECIPE [key=value ...]` (or under torchrun).
+
+The method itself is in `pretrain/dbot.py`; this file is plumbing: config checks, data, optimiser,
+mixed precision, accumulation, DDP, checkpoints, resume and logging.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from core import checkpoint as ckpt
+from core import dist
+from core.config import ConfigError, save_config, to_dict
+from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, collate_skip
+from core.monitor import RunLogger, write_results
+from core.optim import param_groups, set_lr, warmup_cosine
+from core.vit import preset
+from pretrain import dbot
+from pretrain.model import MaskedStudent
+
+FORMAT = "dbot-suite/pretrain/v1"
+
+
+# ------------------------------------------------------------------------------------------------ plan
+class Plan:
+    """Everything derived from the config, checked before any compute (each error names the option)."""
+
+    def __init__(self, cfg: DictConfig, env: dist.DistEnv):
+        self.cfg = cfg
+        try:
+            self.stages = dbot.Stages(cfg.stages.epochs)
+        except ValueError as e:
+            raise ConfigError(f"stages.epochs: {e}") from None
+        overrides = {k: cfg.model[k] for k in ("img_size", "embed_dim", "num_heads") if cfg.model[k] is not None}
+        self.arch = preset(cfg.model.size, **overrides)
+        depths = cfg.model.depth_per_stage
+        if depths is None:
+            depths = [self.arch["depth"]] * len(self.stages)
+        depths = [int(d) for d in depths]
+        if len(depths) != len(self.stages):
+            raise ConfigError(
+                f"model.depth_per_stage has {len(depths)} entries but stages.epochs {list(self.stages.boundaries)} "
+                f"defines {len(self.stages)} stages; give one depth per stage"
+            )
+        if any(d < 1 for d in depths):
+            raise ConfigError(f"model.depth_per_stage: student depths must be >= 1, got {depths}")
+        self.depths = depths
+        if not 0.0 < cfg.model.mask_ratio < 1.0:
+            raise ConfigError(f"model.mask_ratio must be in (0, 1), got {cfg.model.mask_ratio}")
+        # teacher of stage 0
+        tsize = cfg.teacher.size or cfg.model.size
+        tdepth = cfg.teacher.init_depth
+        self.teacher0_arch = preset(tsize, img_size=self.arch["img_size"])
+        if cfg.teacher.checkpoint is None:
+            if cfg.teacher.size not in (None, cfg.model.size) and cfg.teacher.seed is None:
+                raise ConfigError("teacher.size differs from model.size: give teacher.checkpoint or teacher.seed")
+            if tdepth is not None:
+                if tdepth < 0:
+                    raise ConfigError(f"teacher.init_depth must be >= 0, got {tdepth}")
+                self.teacher0_arch["depth"] = int(tdepth)
+        elif tdepth is not None:
+            raise ConfigError("teacher.init_depth applies to a random first teacher, not with teacher.checkpoint")
+        if self.teacher0_arch["patch_size"] != self.arch["patch_size"]:
+            raise ConfigError(
+                f"teacher patch size {self.teacher0_arch['patch_size']} differs from the student's "
+                f"{self.arch['patch_size']}; the teacher must give one token per student patch"
+            )
+        # batch and accumulation
+        per_step = cfg.data.batch_per_gpu * env.world_size
+        if cfg.optim.global_batch % per_step:
+            raise ConfigError(
+                f"optim.global_batch={cfg.optim.global_batch} is not a multiple of data.batch_per_gpu x processes "
+                f"= {cfg.data.batch_per_gpu} x {env.world_size}"
+            )
+        self.accum = cfg.optim.global_batch // per_step
+        self.lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.optim.global_batch / 256
+        # data
+        self.train_root = Path(cfg.data.root) / "train"
+        if not Path(cfg.data.root).is_dir():
+            raise ConfigError(
+                f"data.root: folder {cfg.data.root} does not exist (expected ImageNet layout "
+                f"<root>/train/<class>/*.jpg)"
+            )
+        amp = cfg.amp
+        if amp == "auto":
+            amp = "bf16" if env.device.type == "cuda" else "none"
+        if amp not in ("bf16", "fp16", "none"):
+            raise ConfigError(f"amp must be auto, bf16, fp16 or none; got {cfg.amp!r}")
+        if amp == "fp16" and env.device.type != "cuda":
+            raise ConfigError("amp=fp16 needs a CUDA device")
+        self.amp = amp
+        self.out = Path(cfg.out)
+
+    def student_arch(self, stage: int) -> dict:
+        return {**self.arch, "depth": self.depths[stage]}
+
+    def stage_seed(self, stage: int) -> int:
+        return 1_000_003 * int(self.cfg.seed) + 7919 * stage + 1
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def build_student(plan: Plan, stage: int, target_dim: int) -> MaskedStudent:
+    c = plan.cfg.model
+    student = MaskedStudent(
+        target_dim=target_dim,
+        decoder_dim=c.decoder.dim,
+        decoder_depth=c.decoder.depth,
+        decoder_heads=c.decoder.heads,
+        drop_path_rate=c.drop_path,
+        **plan.student_arch(stage),
+    )
+    student.initialize_weights(torch.Generator().manual_seed(plan.stage_seed(stage)))
+    return student
+
+
+def build_first_teacher(plan: Plan, student: MaskedStudent):
+    """Stage-0 teacher: an external checkpoint, an independently seeded random ViT, or (released) the
+    student's initial encoder truncated to `teacher.init_depth` blocks. Returns (teacher, description)."""
+    t = plan.cfg.teacher
+    if t.checkpoint is not None:
+        teacher = dbot.make_teacher(plan.teacher0_arch)
+        sd = ckpt.read_state_dict(t.checkpoint)
+        report = ckpt.load_weights(
+            teacher,
+            sd,
+            source=str(t.checkpoint),
+            ignore=lambda k: k.startswith(("decoder_", "mask_token", "head.", "fc_norm.")),
+            allow_missing=lambda k: k.startswith("norm.") and not t.final_norm,
+        )
+        return teacher, f"checkpoint {t.checkpoint} ({report.summary().splitlines()[0]})"
+    if t.seed is not None:
+        teacher = dbot.make_teacher(plan.teacher0_arch)
+        teacher.initialize_weights(torch.Generator().manual_seed(int(t.seed)))
+        teacher.requires_grad_(False)
+        return teacher, f"random, seed {t.seed}"
+    teacher = dbot.make_teacher(plan.teacher0_arch, dbot.encoder_state(student))
+    return teacher, f"random = student's initial encoder (seed {plan.stage_seed(0)}), depth {len(teacher.blocks)}"
+
+
+def build_optimizer(plan: Plan, student) -> torch.optim.Optimizer:
+    o = plan.cfg.optim
+    groups = param_groups(student, o.weight_decay)
+    return torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(o.betas))
+
+
+def lr_schedule(plan: Plan, steps_per_epoch: int, batches_per_epoch: int):
+    """One lr per optimizer step over the whole run; warmup + cosine restart in each stage.
+
+    Step s of an epoch sits at fractional epoch s * accum / batches_per_epoch (the released per-iteration
+    schedule).
+    """
+    import numpy as np
+
+    o = plan.cfg.optim
+    out = []
+    for stage in range(len(plan.stages)):
+        length = plan.stages.length(stage)
+        t = np.array([e + s * plan.accum / batches_per_epoch for e in range(length) for s in range(steps_per_epoch)])
+        out.append(warmup_cosine(plan.lr, o.min_lr, length, o.warmup_epochs, positions=t))
+    return np.concatenate(out)
+
+
+def make_loader(plan: Plan, env: dist.DistEnv, num_patches: int):
+    c = plan.cfg.data
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                plan.arch["img_size"], scale=tuple(c.crop_scale), interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    dataset = ImageFolder(
+        plan.train_root,
+        tf,
+        seed=plan.cfg.seed,
+        skip_corrupt=c.skip_corrupt,
+        extra=lambda: torch.rand(num_patches),
+        what="data.root (train split)",
+    )
+    sampler = ShardedSampler(len(dataset), c.batch_per_gpu, rank=env.rank, world=env.world_size, seed=plan.cfg.seed)
+    if sampler.batches_per_epoch == 0:
+        raise ConfigError(
+            f"data.root: {len(dataset)} training images give no full batch of data.batch_per_gpu="
+            f"{c.batch_per_gpu} on {env.world_size} process(es)"
+        )
+    loader = DataLoader(
+        dataset,
+        batch_size=c.batch_per_gpu,
+        sampler=sampler,
+        num_workers=c.workers,
+        pin_memory=env.device.type == "cuda",
+        drop_last=True,
+        collate_fn=collate_skip,
+        persistent_workers=c.workers > 0,
+    )
+    return dataset, sampler, loader
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def meta(plan: Plan, stage: int, teacher) -> dict:
+    return {"format": FORMAT, "student_arch": plan.student_arch(stage), "teacher_arch": teacher.arch, "stage": stage}
+
+
+def check_resume(path: Path, state: dict, plan: Plan) -> None:
+    m = state.get("meta", {})
+    if m.get("format") != FORMAT:
+        raise ckpt.CheckpointError(
+            f"{path}: not a dBOT pretraining checkpoint of this suite (format "
+            f"{m.get('format')!r}); start a fresh run folder or set resume=none"
+        )
+    stage = int(state["stage"])
+    want = plan.student_arch(stage)
+    have = m["student_arch"]
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if diff:
+        raise ckpt.CheckpointError(
+            f"{path}: saved for another model; differences (checkpoint, config): {diff}. Use another `out` "
+            "folder or resume=none"
+        )
+    if list(state["config"]["stages"]["epochs"]) != list(plan.stages.boundaries):
+        raise ckpt.CheckpointError(
+            f"{path}: saved with stages.epochs={state['config']['stages']['epochs']}, the config says "
+            f"{list(plan.stages.boundaries)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- training
+def run(cfg: DictConfig) -> dict:
+    env = dist.init(cfg.device)
+    try:
+        return _run(cfg, env)
+    finally:
+        dist.shutdown()
+
+
+def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
+    plan = Plan(cfg, env)
+    device = env.device
+    torch.manual_seed(cfg.seed + env.rank)  # drop path; data, masks and inits are seeded explicitly
+    random.seed(cfg.seed + env.rank)
+
+    # resume state is read first so that a mismatch fails before data or models are built
+    resume_path = None
+    if cfg.resume == "auto":
+        candidate = plan.out / "checkpoint-last.pth"
+        resume_path = candidate if candidate.is_file() else None
+    elif cfg.resume not in (None, "none"):
+        resume_path = Path(cfg.resume)
+    state = None
+    if resume_path is not None:
+        state = ckpt.load(resume_path)
+        check_resume(resume_path, state, plan)
+
+    stage = int(state["stage"]) if state else 0
+    if state:
+        teacher = dbot.make_teacher(state["meta"]["teacher_arch"])
+        teacher.load_state_dict(state["teacher"])
+        teacher_desc = f"resumed from {resume_path}"
+        student = build_student(plan, stage, target_dim=teacher.embed_dim)
+    else:
+        student = build_student(plan, stage, target_dim=plan.teacher0_arch["embed_dim"])
+        teacher, teacher_desc = build_first_teacher(plan, student)
+
+    dataset, sampler, loader = make_loader(plan, env, student.num_patches)
+    batches = sampler.batches_per_epoch
+    steps_per_epoch = math.ceil(batches / plan.accum)
+    schedule = lr_schedule(plan, steps_per_epoch, batches)
+
+    student.to(device)
+    teacher.to(device)
+    optimizer = build_optimizer(plan, student)
+    scaler = torch.amp.GradScaler("cuda", enabled=plan.amp == "fp16")
+    start_epoch, global_step, stage_losses, skipped = 0, 0, {}, 0
+    if state:
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+        stage_losses = dict(state.get("stage_losses", {}))
+        skipped = int(state.get("skipped", 0)) if env.is_main else 0  # the saved count is the all-rank total
+        rng = state["rng"]
+        if len(rng) == env.world_size:  # same process count: continue each rank's stream exactly
+            set_rng_state(rng[env.rank])
+        else:
+            torch.manual_seed(cfg.seed + env.rank + 7919 * start_epoch)
+    del state
+
+    log = RunLogger(plan.out, enabled=env.is_main, tensorboard=cfg.log.tensorboard)
+    if env.is_main:
+        plan.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, plan.out / "config.yaml")
+        log.write(
+            f"dBOT pretraining: {cfg.model.size} student {plan.depths} blocks/stage, stages {plan.stages.boundaries}, "
+            f"{len(dataset)} images, global batch {cfg.optim.global_batch} = {cfg.data.batch_per_gpu} x "
+            f"{env.world_size} proc x {plan.accum} accum, lr {plan.lr:.3g}, amp {plan.amp}, device {device}\n"
+            f"teacher: {teacher_desc}" + (f"\nresuming at epoch {start_epoch}" if start_epoch else "")
+        )
+
+    def wrap(model):
+        if env.distributed:
+            return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model
+
+    ddp_student = wrap(student)
+    fwd_student, fwd_teacher = ddp_student, teacher
+    if cfg.compile:
+        fwd_student, fwd_teacher = torch.compile(ddp_student), torch.compile(teacher)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if plan.amp == "bf16" else torch.float16)
+        if plan.amp != "none"
+        else nullcontext()
+    )
+    total_steps = len(schedule)
+    log.progress(total_steps, initial=global_step, desc="pretrain")
+    t_last, imgs_since = time.time(), 0
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    epoch_loss = torch.zeros((), device=device)
+    epoch_batches = 0
+    checkpoints = {}
+
+    for epoch in range(start_epoch, plan.stages.total_epochs):
+        stage = plan.stages.stage_of(epoch)
+        sampler.set_epoch(epoch)
+        ddp_student.train()
+        epoch_loss.zero_()
+        epoch_batches = 0
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(loader):
+            group_start = (i // plan.accum) * plan.accum
+            group_size = min(plan.accum, batches - group_start)
+            last_in_group = i == group_start + group_size - 1
+            if i == group_start:
+                set_lr(optimizer, float(schedule[global_step]))
+            if batch is None:
+                raise RuntimeError(f"epoch {epoch}: every image of batch {i} failed to decode; check data.root")
+            images, _, noise = batch
+            skipped += cfg.data.batch_per_gpu - images.shape[0]
+            images = images.to(device, non_blocking=True)
+            noise = noise.to(device, non_blocking=True)
+            sync = nullcontext() if (last_in_group or not env.distributed) else ddp_student.no_sync()
+            with sync:
+                with autocast:
+                    target = dbot.teacher_target(fwd_teacher, images, final_norm=cfg.teacher.final_norm)
+                    pred, mask = fwd_student(images, noise, cfg.model.mask_ratio)
+                if cfg.loss.standardize:
+                    target = dbot.standardize(target)
+                loss = dbot.distill_loss(pred, target, mask, beta=cfg.loss.beta, include_cls=cfg.loss.include_cls)
+                scaler.scale(loss / group_size).backward()
+            loss_sum += loss.detach()
+            epoch_loss += loss.detach()
+            loss_count += 1
+            epoch_batches += 1
+            imgs_since += images.shape[0]
+            if not last_in_group:
+                continue
+            scaler.unscale_(optimizer)
+            max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            if global_step % cfg.log.every == 0 or i == batches - 1:
+                mean_loss = dist.all_reduce_mean(loss_sum / max(loss_count, 1)).item()
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(
+                        f"loss is {mean_loss} at epoch {epoch}, step {global_step}"
+                        + (" (fp16: try amp=bf16)" if plan.amp == "fp16" else "")
+                    )
+                now = time.time()
+                ips = imgs_since * env.world_size / max(now - t_last, 1e-9)
+                lr = float(schedule[global_step - 1])
+                log.log(
+                    global_step,
+                    epoch=epoch,
+                    stage=stage,
+                    loss=mean_loss,
+                    lr=lr,
+                    images_per_s=ips,
+                    grad_norm=grad_norm.item(),
+                )
+                log.update(0, loss=mean_loss, lr=lr, img_s=ips, stage=stage)
+                loss_sum.zero_()
+                loss_count, imgs_since, t_last = 0, 0, now
+            log.update(1)
+
+        # ---- end of epoch: stage end -> stage checkpoints, then the switch; periodic "last" for resume
+        stage_end = plan.stages.is_last_epoch_of_stage(epoch)
+        if stage_end:
+            stage_losses[str(stage)] = dist.all_reduce_mean(epoch_loss / max(epoch_batches, 1)).item()
+            if env.is_main:
+                checkpoints[f"stage{stage}_student"] = str(
+                    ckpt.save(
+                        {
+                            "model": student.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "epoch": epoch,
+                            "config": to_dict(cfg),
+                            "meta": meta(plan, stage, teacher),
+                        },
+                        plan.out / f"checkpoint-stage{stage}-student.pth",
+                    )
+                )
+                checkpoints[f"stage{stage}_teacher"] = str(
+                    ckpt.save(
+                        {"model": teacher.state_dict(), "meta": meta(plan, stage, teacher)},
+                        plan.out / f"checkpoint-stage{stage}-teacher.pth",
+                    )
+                )
+                log.write(f"stage {stage} done at epoch {epoch + 1}: loss {stage_losses[str(stage)]:.4f}")
+            if stage + 1 < len(plan.stages):
+                student, teacher, optimizer, ddp_student = next_stage(
+                    plan, stage + 1, student, teacher, optimizer, wrap, device
+                )
+                dist.assert_replicas_equal(student, "re-initialised student")
+                dist.assert_replicas_equal(teacher, "new teacher")
+                fwd_student, fwd_teacher = ddp_student, teacher
+                if cfg.compile:
+                    fwd_student, fwd_teacher = torch.compile(ddp_student), torch.compile(teacher)
+                if cfg.stages.reset_optimizer:
+                    scaler = torch.amp.GradScaler("cuda", enabled=plan.amp == "fp16")
+        done = epoch + 1 == plan.stages.total_epochs
+        stopping = cfg.max_epochs is not None and epoch + 1 - start_epoch >= cfg.max_epochs
+        if stage_end or done or stopping or (epoch + 1) % cfg.log.save_every_epochs == 0:
+            save_last(plan, env, epoch + 1, global_step, student, teacher, optimizer, scaler, stage_losses, skipped)
+        dist.barrier()
+        if stopping and not done:
+            log.write(f"stopping after {cfg.max_epochs} epoch(s) (max_epochs); run again to resume")
+            log.close()
+            return {"stopped_at_epoch": epoch + 1}
+
+    log.close()
+    final = len(plan.stages) - 1
+    results = {
+        "model": cfg.model.size,
+        "dataset": str(cfg.data.root),
+        "stages": plan.stages.boundaries,
+        "stage_final_loss": stage_losses,
+        "teacher": teacher_desc,
+        "teacher_seed": cfg.teacher.seed if cfg.teacher.seed is not None else plan.stage_seed(0),
+        "skipped_images": int(dist.all_reduce_sum(torch.tensor(skipped, device=device)).item()),
+        "checkpoint": str(plan.out / f"checkpoint-stage{final}-student.pth"),
+        "checkpoints": checkpoints
+        or {
+            f"stage{s}_{w}": str(plan.out / f"checkpoint-stage{s}-{w}.pth")
+            for s in range(len(plan.stages))
+            for w in ("student", "teacher")
+        },
+        "global_batch": cfg.optim.global_batch,
+        "lr": plan.lr,
+    }
+    if env.is_main:
+        write_results(plan.out, "pretrain", **results)
+        print(f"pretraining done: per-stage final loss {stage_losses}; results in {plan.out / 'results.json'}")
+    return results
+
+
+def save_last(plan, env, next_epoch, global_step, student, teacher, optimizer, scaler, stage_losses, skipped):
+    """checkpoint-last.pth: everything a resumed run needs to continue exactly (every rank's RNG state)."""
+    rngs = dist.all_gather_object(rng_state())
+    total_skipped = int(dist.all_reduce_sum(torch.tensor(skipped, device=env.device)).item())
+    if not env.is_main:
+        return
+    stage = plan.stages.stage_of(min(next_epoch, plan.stages.total_epochs - 1))
+    ckpt.save(
+        {
+            "model": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": next_epoch,
+            "global_step": global_step,
+            "stage": stage,
+            "stage_losses": stage_losses,
+            "skipped": total_skipped,
+            "rng": rngs,
+            "config": to_dict(plan.cfg),
+            "meta": meta(plan, stage, teacher),
+        },
+        plan.out / "checkpoint-last.pth",
+    )
+
+
+def next_stage(plan: Plan, stage: int, student, teacher, optimizer, wrap, device):
+    """Teacher <- student encoder (or kept, with teacher.bootstrap=false); student re-initialised from the
+    stage seed. The student is rebuilt (and the optimizer with it) only if its shape changes."""
+    if plan.cfg.teacher.bootstrap:
+        new_teacher = dbot.make_teacher(plan.student_arch(stage - 1), dbot.encoder_state(student)).to(device)
+    else:
+        new_teacher = teacher
+    same_shape = (
+        plan.depths[stage] == plan.depths[stage - 1] and new_teacher.embed_dim == student.decoder_pred.out_features
+    )
+    if same_shape:
+        dbot.reinitialize(student, plan.stage_seed(stage))
+        if plan.cfg.stages.reset_optimizer:
+            optimizer = build_optimizer(plan, student)
+    else:
+        student = build_student(plan, stage, target_dim=new_teacher.embed_dim).to(device)
+        optimizer = build_optimizer(plan, student)
+    return student, new_teacher, optimizer, wrap(student)

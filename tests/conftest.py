@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny generated datasets and tiny run configs (CPU, seconds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.config import load_config
+from tools.datasets import IMAGENET_CLASSES, make_imagenet
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet(tmp_path_factory) -> Path:
+    """4 classes x 8 train / 4 val images in ImageNet layout."""
+    root = tmp_path_factory.mktemp("data") / "imagenet"
+    return make_imagenet(root, seed=0, train_per_class=8, val_per_class=4, classes=IMAGENET_CLASSES[:4])
+
+
+def pretrain_config(data_root: Path, out: Path, *overrides: str):
+    """The tiny recipe shrunk further: 32 images, batch 8, one-epoch stages, no workers."""
+    base = [
+        f"data.root={data_root}",
+        f"out={out}",
+        "device=cpu",
+        "data.workers=0",
+        "data.batch_per_gpu=8",
+        "optim.global_batch=8",
+        "optim.lr=2e-3",
+        "optim.warmup_epochs=0.5",
+        "stages.epochs=[0,1,2]",
+        "model.decoder.depth=1",
+        "log.every=1",
+        "log.save_every_epochs=1",
+        "log.tensorboard=false",
+    ]
+    return load_config(REPO / "pretrain" / "configs", "tiny", base + list(overrides))

@@ -1,0 +1,81 @@
+"""Two gloo processes equal one process with the same global batch, across a stage boundary."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from core import checkpoint as ckpt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def common(data):
+    return [
+        f"data.root={data}",
+        "device=cpu",
+        "data.workers=0",
+        "optim.global_batch=8",
+        "optim.lr=2e-3",
+        "optim.warmup_epochs=0.5",
+        "stages.epochs=[0,2,3]",
+        "model.decoder.depth=1",
+        "log.every=1",
+        "log.tensorboard=false",
+        "optim.clip_grad=1.0",
+    ]
+
+
+@pytest.mark.dist
+def test_two_processes_equal_one_process(tiny_imagenet, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, "-m", "pretrain", "-c", "tiny", *common(tiny_imagenet), "data.batch_per_gpu=8", f"out={one}"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "pretrain",
+            "-c",
+            "tiny",
+            *common(tiny_imagenet),
+            "data.batch_per_gpu=4",
+            f"out={two}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = ckpt.load(one / "checkpoint-last.pth"), ckpt.load(two / "checkpoint-last.pth")
+    assert a["global_step"] == b["global_step"] == 12 and b["stage"] == 1
+    tol = 1e-4  # float summation order differs (all-reduce of two halves); training moves weights ~100x more
+    for key in ("model", "teacher"):
+        for name, x in a[key].items():
+            assert torch.allclose(x, b[key][name], atol=tol, rtol=0), (key, name, (x - b[key][name]).abs().max())
+    # the teacher of stage 1 is the stage-0 student of both runs, and it moved far more than the tolerance
+    ta = ckpt.load(one / "checkpoint-stage1-teacher.pth")["model"]
+    tb = ckpt.load(two / "checkpoint-stage1-teacher.pth")["model"]
+    t0 = ckpt.load(one / "checkpoint-stage0-teacher.pth")["model"]
+    for name, x in ta.items():
+        assert torch.allclose(x, tb[name], atol=tol, rtol=0), name
+    assert max((ta[k] - t0[k]).abs().max().item() for k in ta) > 30 * tol
