@@ -84,6 +84,20 @@ def load(path: str | os.PathLike, map_location="cpu"):
         ) from None
 
 
+def resume_path(out_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """The checkpoint a run continues from: `auto` = `<out>/checkpoint-last.pth` if it exists, `none`/None =
+    start fresh, anything else = that file (which must exist)."""
+    if resume in (None, "none"):
+        return None
+    if resume == "auto":
+        last = Path(out_dir) / "checkpoint-last.pth"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"resume: checkpoint {path} does not exist")
+    return path
+
+
 STATE_KEYS = ("model", "state_dict", "module", "model_ema", "teacher")
 
 

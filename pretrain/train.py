@@ -7,9 +7,7 @@ mixed precision, accumulation, DDP, checkpoints, resume and logging.
 from __future__ import annotations
 
 import math
-import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,14 +17,15 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from core import checkpoint as ckpt
-from core import dist
+from core import dist, engine
 from core.config import ConfigError, save_config, to_dict
 from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, collate_skip
 from core.monitor import RunLogger, write_results
-from core.optim import param_groups, set_lr, warmup_cosine
+from core.optim import param_groups, warmup_cosine
 from core.vit import preset
 from pretrain import dbot
 from pretrain.model import MaskedStudent
+from tools.convert import read_backbone
 
 FORMAT = "dbot-suite/pretrain/v1"
 
@@ -91,14 +90,10 @@ class Plan:
                 f"data.root: folder {cfg.data.root} does not exist (expected ImageNet layout "
                 f"<root>/train/<class>/*.jpg)"
             )
-        amp = cfg.amp
-        if amp == "auto":
-            amp = "bf16" if env.device.type == "cuda" else "none"
-        if amp not in ("bf16", "fp16", "none"):
-            raise ConfigError(f"amp must be auto, bf16, fp16 or none; got {cfg.amp!r}")
-        if amp == "fp16" and env.device.type != "cuda":
-            raise ConfigError("amp=fp16 needs a CUDA device")
-        self.amp = amp
+        try:
+            self.amp = engine.resolve_amp(cfg.amp, env.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.out = Path(cfg.out)
 
     def student_arch(self, stage: int) -> dict:
@@ -129,15 +124,11 @@ def build_first_teacher(plan: Plan, student: MaskedStudent):
     t = plan.cfg.teacher
     if t.checkpoint is not None:
         teacher = dbot.make_teacher(plan.teacher0_arch)
-        sd = ckpt.read_state_dict(t.checkpoint)
+        sd, info = read_backbone(t.checkpoint)
         report = ckpt.load_weights(
-            teacher,
-            sd,
-            source=str(t.checkpoint),
-            ignore=lambda k: k.startswith(("decoder_", "mask_token", "head.", "fc_norm.")),
-            allow_missing=lambda k: k.startswith("norm.") and not t.final_norm,
+            teacher, sd, source=str(t.checkpoint), allow_missing=lambda k: k.startswith("norm.") and not t.final_norm
         )
-        return teacher, f"checkpoint {t.checkpoint} ({report.summary().splitlines()[0]})"
+        return teacher, f"checkpoint {t.checkpoint} ({info.layout}; {report.summary().splitlines()[0]})"
     if t.seed is not None:
         teacher = dbot.make_teacher(plan.teacher0_arch)
         teacher.initialize_weights(torch.Generator().manual_seed(int(t.seed)))
@@ -210,20 +201,6 @@ def make_loader(plan: Plan, env: dist.DistEnv, num_patches: int):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def meta(plan: Plan, stage: int, teacher) -> dict:
     return {"format": FORMAT, "student_arch": plan.student_arch(stage), "teacher_arch": teacher.arch, "stage": stage}
 
@@ -263,19 +240,12 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     plan = Plan(cfg, env)
     device = env.device
-    torch.manual_seed(cfg.seed + env.rank)  # drop path; data, masks and inits are seeded explicitly
-    random.seed(cfg.seed + env.rank)
+    engine.seed_everything(cfg.seed, env.rank)  # drop path; data, masks and inits are seeded explicitly
 
-    # resume state is read first so that a mismatch fails before data or models are built
-    resume_path = None
-    if cfg.resume == "auto":
-        candidate = plan.out / "checkpoint-last.pth"
-        resume_path = candidate if candidate.is_file() else None
-    elif cfg.resume not in (None, "none"):
-        resume_path = Path(cfg.resume)
-    state = None
-    if resume_path is not None:
-        state = ckpt.load(resume_path)
+    # the resume state is read first, so that a mismatch fails before data or models are built
+    resume_path = ckpt.resume_path(plan.out, cfg.resume)
+    state = ckpt.load(resume_path) if resume_path else None
+    if state:
         check_resume(resume_path, state, plan)
 
     stage = int(state["stage"]) if state else 0
@@ -290,31 +260,37 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
 
     dataset, sampler, loader = make_loader(plan, env, student.num_patches)
     batches = sampler.batches_per_epoch
-    steps_per_epoch = math.ceil(batches / plan.accum)
-    schedule = lr_schedule(plan, steps_per_epoch, batches)
+    schedule = lr_schedule(plan, engine.steps_per_epoch(batches, plan.accum), batches)
+
+    def wrap(model):
+        if env.distributed:
+            return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model
 
     student.to(device)
     teacher.to(device)
-    optimizer = build_optimizer(plan, student)
-    scaler = torch.amp.GradScaler("cuda", enabled=plan.amp == "fp16")
-    start_epoch, global_step, stage_losses, skipped = 0, 0, {}, 0
+    ddp_student = wrap(student)
+    stepper = engine.Stepper(
+        ddp_student,
+        build_optimizer(plan, student),
+        schedule,
+        amp=plan.amp,
+        clip_grad=cfg.optim.clip_grad,
+        accum=plan.accum,
+        device=device,
+    )
+    start_epoch, stage_losses, skipped = 0, {}, 0
     if state:
         student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+        stepper.load_state_dict(state["stepper"])
+        start_epoch = int(state["epoch"])
         stage_losses = dict(state.get("stage_losses", {}))
         skipped = int(state.get("skipped", 0)) if env.is_main else 0  # the saved count is the all-rank total
-        rng = state["rng"]
-        if len(rng) == env.world_size:  # same process count: continue each rank's stream exactly
-            set_rng_state(rng[env.rank])
-        else:
-            torch.manual_seed(cfg.seed + env.rank + 7919 * start_epoch)
+        engine.restore_rng_states(state["rng"], env.rank, env.world_size, cfg.seed + 7919 * start_epoch)
     del state
 
     log = RunLogger(plan.out, enabled=env.is_main, tensorboard=cfg.log.tensorboard)
     if env.is_main:
-        plan.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, plan.out / "config.yaml")
         log.write(
             f"dBOT pretraining: {cfg.model.size} student {plan.depths} blocks/stage, stages {plan.stages.boundaries}, "
@@ -323,27 +299,14 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
             f"teacher: {teacher_desc}" + (f"\nresuming at epoch {start_epoch}" if start_epoch else "")
         )
 
-    def wrap(model):
-        if env.distributed:
-            return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return model
+    def compiled(student_fwd, teacher_fwd):
+        return (torch.compile(student_fwd), torch.compile(teacher_fwd)) if cfg.compile else (student_fwd, teacher_fwd)
 
-    ddp_student = wrap(student)
-    fwd_student, fwd_teacher = ddp_student, teacher
-    if cfg.compile:
-        fwd_student, fwd_teacher = torch.compile(ddp_student), torch.compile(teacher)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if plan.amp == "bf16" else torch.float16)
-        if plan.amp != "none"
-        else nullcontext()
-    )
-    total_steps = len(schedule)
-    log.progress(total_steps, initial=global_step, desc="pretrain")
+    fwd_student, fwd_teacher = compiled(ddp_student, teacher)
+    log.progress(len(schedule), initial=stepper.step_count, desc="pretrain")
     t_last, imgs_since = time.time(), 0
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
+    loss_sum, loss_count = torch.zeros((), device=device), 0
     epoch_loss = torch.zeros((), device=device)
-    epoch_batches = 0
     checkpoints = {}
 
     for epoch in range(start_epoch, plan.stages.total_epochs):
@@ -351,107 +314,63 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
         sampler.set_epoch(epoch)
         ddp_student.train()
         epoch_loss.zero_()
-        epoch_batches = 0
-        optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(loader):
-            group_start = (i // plan.accum) * plan.accum
-            group_size = min(plan.accum, batches - group_start)
-            last_in_group = i == group_start + group_size - 1
-            if i == group_start:
-                set_lr(optimizer, float(schedule[global_step]))
+            group = stepper.group(i, batches)
             if batch is None:
                 raise RuntimeError(f"epoch {epoch}: every image of batch {i} failed to decode; check data.root")
             images, _, noise = batch
             skipped += cfg.data.batch_per_gpu - images.shape[0]
             images = images.to(device, non_blocking=True)
             noise = noise.to(device, non_blocking=True)
-            sync = nullcontext() if (last_in_group or not env.distributed) else ddp_student.no_sync()
-            with sync:
-                with autocast:
-                    target = dbot.teacher_target(fwd_teacher, images, final_norm=cfg.teacher.final_norm)
-                    pred, mask = fwd_student(images, noise, cfg.model.mask_ratio)
-                if cfg.loss.standardize:
-                    target = dbot.standardize(target)
-                loss = dbot.distill_loss(pred, target, mask, beta=cfg.loss.beta, include_cls=cfg.loss.include_cls)
-                scaler.scale(loss / group_size).backward()
+            with stepper.autocast():
+                target = dbot.teacher_target(fwd_teacher, images, final_norm=cfg.teacher.final_norm)
+                pred, mask = fwd_student(images, noise, cfg.model.mask_ratio)
+            if cfg.loss.standardize:
+                target = dbot.standardize(target)
+            loss = dbot.distill_loss(pred, target, mask, beta=cfg.loss.beta, include_cls=cfg.loss.include_cls)
+            stepper.backward(loss, group)
             loss_sum += loss.detach()
             epoch_loss += loss.detach()
             loss_count += 1
-            epoch_batches += 1
             imgs_since += images.shape[0]
-            if not last_in_group:
+            if not group.last:
                 continue
-            scaler.unscale_(optimizer)
-            max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            if global_step % cfg.log.every == 0 or i == batches - 1:
+            grad_norm = stepper.step()
+            step = stepper.step_count
+            if step % cfg.log.every == 0 or i == batches - 1:
                 mean_loss = dist.all_reduce_mean(loss_sum / max(loss_count, 1)).item()
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(
-                        f"loss is {mean_loss} at epoch {epoch}, step {global_step}"
+                        f"loss is {mean_loss} at epoch {epoch}, step {step}"
                         + (" (fp16: try amp=bf16)" if plan.amp == "fp16" else "")
                     )
                 now = time.time()
                 ips = imgs_since * env.world_size / max(now - t_last, 1e-9)
-                lr = float(schedule[global_step - 1])
+                lr = stepper.lr(step - 1)
                 log.log(
-                    global_step,
-                    epoch=epoch,
-                    stage=stage,
-                    loss=mean_loss,
-                    lr=lr,
-                    images_per_s=ips,
-                    grad_norm=grad_norm.item(),
+                    step, epoch=epoch, stage=stage, loss=mean_loss, lr=lr, images_per_s=ips, grad_norm=grad_norm.item()
                 )
                 log.update(0, loss=mean_loss, lr=lr, img_s=ips, stage=stage)
                 loss_sum.zero_()
                 loss_count, imgs_since, t_last = 0, 0, now
             log.update(1)
 
-        # ---- end of epoch: stage end -> stage checkpoints, then the switch; periodic "last" for resume
+        # ---- end of epoch: at a stage end the stage checkpoints, then the switch; "last" for resume
         stage_end = plan.stages.is_last_epoch_of_stage(epoch)
         if stage_end:
-            stage_losses[str(stage)] = dist.all_reduce_mean(epoch_loss / max(epoch_batches, 1)).item()
+            stage_losses[str(stage)] = dist.all_reduce_mean(epoch_loss / batches).item()
             if env.is_main:
-                checkpoints[f"stage{stage}_student"] = str(
-                    ckpt.save(
-                        {
-                            "model": student.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(),
-                            "epoch": epoch,
-                            "config": to_dict(cfg),
-                            "meta": meta(plan, stage, teacher),
-                        },
-                        plan.out / f"checkpoint-stage{stage}-student.pth",
-                    )
-                )
-                checkpoints[f"stage{stage}_teacher"] = str(
-                    ckpt.save(
-                        {"model": teacher.state_dict(), "meta": meta(plan, stage, teacher)},
-                        plan.out / f"checkpoint-stage{stage}-teacher.pth",
-                    )
-                )
+                checkpoints.update(save_stage(plan, stage, epoch, student, teacher, stepper))
                 log.write(f"stage {stage} done at epoch {epoch + 1}: loss {stage_losses[str(stage)]:.4f}")
             if stage + 1 < len(plan.stages):
-                student, teacher, optimizer, ddp_student = next_stage(
-                    plan, stage + 1, student, teacher, optimizer, wrap, device
-                )
+                student, teacher, ddp_student = next_stage(plan, stage + 1, student, teacher, stepper, wrap, device)
                 dist.assert_replicas_equal(student, "re-initialised student")
                 dist.assert_replicas_equal(teacher, "new teacher")
-                fwd_student, fwd_teacher = ddp_student, teacher
-                if cfg.compile:
-                    fwd_student, fwd_teacher = torch.compile(ddp_student), torch.compile(teacher)
-                if cfg.stages.reset_optimizer:
-                    scaler = torch.amp.GradScaler("cuda", enabled=plan.amp == "fp16")
+                fwd_student, fwd_teacher = compiled(ddp_student, teacher)
         done = epoch + 1 == plan.stages.total_epochs
         stopping = cfg.max_epochs is not None and epoch + 1 - start_epoch >= cfg.max_epochs
         if stage_end or done or stopping or (epoch + 1) % cfg.log.save_every_epochs == 0:
-            save_last(plan, env, epoch + 1, global_step, student, teacher, optimizer, scaler, stage_losses, skipped)
+            save_last(plan, env, epoch + 1, student, teacher, stepper, stage_losses, skipped)
         dist.barrier()
         if stopping and not done:
             log.write(f"stopping after {cfg.max_epochs} epoch(s) (max_epochs); run again to resume")
@@ -484,9 +403,28 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     return results
 
 
-def save_last(plan, env, next_epoch, global_step, student, teacher, optimizer, scaler, stage_losses, skipped):
+def save_stage(plan: Plan, stage: int, epoch: int, student, teacher, stepper) -> dict:
+    """The per-stage pair: the student (with decoder, optimiser, scaler) and the teacher it learnt from."""
+    m = meta(plan, stage, teacher)
+    student_state = {
+        "model": student.state_dict(),
+        **stepper.state_dict(),
+        "epoch": epoch,
+        "config": to_dict(plan.cfg),
+        "meta": m,
+    }
+    paths = {
+        f"stage{stage}_student": ckpt.save(student_state, plan.out / f"checkpoint-stage{stage}-student.pth"),
+        f"stage{stage}_teacher": ckpt.save(
+            {"model": teacher.state_dict(), "meta": m}, plan.out / f"checkpoint-stage{stage}-teacher.pth"
+        ),
+    }
+    return {k: str(v) for k, v in paths.items()}
+
+
+def save_last(plan: Plan, env, next_epoch: int, student, teacher, stepper, stage_losses, skipped) -> None:
     """checkpoint-last.pth: everything a resumed run needs to continue exactly (every rank's RNG state)."""
-    rngs = dist.all_gather_object(rng_state())
+    rngs = engine.gather_rng_states()
     total_skipped = int(dist.all_reduce_sum(torch.tensor(skipped, device=env.device)).item())
     if not env.is_main:
         return
@@ -495,10 +433,8 @@ def save_last(plan, env, next_epoch, global_step, student, teacher, optimizer, s
         {
             "model": student.state_dict(),
             "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
+            "stepper": stepper.state_dict(),
             "epoch": next_epoch,
-            "global_step": global_step,
             "stage": stage,
             "stage_losses": stage_losses,
             "skipped": total_skipped,
@@ -510,9 +446,11 @@ def save_last(plan, env, next_epoch, global_step, student, teacher, optimizer, s
     )
 
 
-def next_stage(plan: Plan, stage: int, student, teacher, optimizer, wrap, device):
+def next_stage(plan: Plan, stage: int, student, teacher, stepper, wrap, device):
     """Teacher <- student encoder (or kept, with teacher.bootstrap=false); student re-initialised from the
-    stage seed. The student is rebuilt (and the optimizer with it) only if its shape changes."""
+    stage seed. Optimiser moments and loss scaler carry over (released behaviour) unless
+    stages.reset_optimizer; a student whose shape changes (depth, target width) is rebuilt with a new
+    optimiser."""
     if plan.cfg.teacher.bootstrap:
         new_teacher = dbot.make_teacher(plan.student_arch(stage - 1), dbot.encoder_state(student)).to(device)
     else:
@@ -522,9 +460,11 @@ def next_stage(plan: Plan, stage: int, student, teacher, optimizer, wrap, device
     )
     if same_shape:
         dbot.reinitialize(student, plan.stage_seed(stage))
-        if plan.cfg.stages.reset_optimizer:
-            optimizer = build_optimizer(plan, student)
     else:
         student = build_student(plan, stage, target_dim=new_teacher.embed_dim).to(device)
-        optimizer = build_optimizer(plan, student)
-    return student, new_teacher, optimizer, wrap(student)
+    ddp_student = wrap(student)
+    stepper.model = ddp_student
+    if not same_shape or plan.cfg.stages.reset_optimizer:
+        stepper.optimizer = build_optimizer(plan, student)
+        stepper.scaler = torch.amp.GradScaler("cuda", enabled=plan.amp == "fp16")
+    return student, new_teacher, ddp_student

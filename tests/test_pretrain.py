@@ -30,9 +30,9 @@ def assert_same_state(a: dict, b: dict, keys=("model", "teacher")):
 
 
 def assert_same_optimizer(a: dict, b: dict):
-    for pid, st in a["optimizer"]["state"].items():
+    for pid, st in a["stepper"]["optimizer"]["state"].items():
         for k, v in st.items():
-            assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
+            assert torch.equal(v, b["stepper"]["optimizer"]["state"][pid][k]), (pid, k)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_resume_equals_uninterrupted_bitwise(uninterrupted, tiny_imagenet, tmp_p
     run(pretrain_config(tiny_imagenet, out, "stages.epochs=[0,2,4]"))
     a = ckpt.load(full_out / "checkpoint-last.pth")
     b = ckpt.load(out / "checkpoint-last.pth")
-    assert a["epoch"] == b["epoch"] == 4 and a["global_step"] == b["global_step"]
+    assert a["epoch"] == b["epoch"] == 4 and a["stepper"]["step"] == b["stepper"]["step"]
     assert_same_state(a, b)
     assert_same_optimizer(a, b)
     assert [r["loss"] for r in metrics(full_out)] == [r["loss"] for r in metrics(out)]

@@ -1,0 +1,173 @@
+"""The training-step skeleton every task shares: mixed precision, gradient accumulation (that still steps
+when an epoch has fewer batches than the accumulation count), DDP `no_sync`, gradient clipping, a per-step
+lr schedule, and the state a resumed run needs (step counter, loss scaler, every rank's RNG).
+
+A task's loop reads:
+
+    stepper = Stepper(model, optimizer, schedule, amp=plan.amp, clip_grad=cfg.optim.clip_grad)
+    for i, batch in enumerate(loader):
+        group = stepper.group(i, batches_per_epoch)       # accumulation bookkeeping
+        with stepper.autocast():
+            loss = ...
+        stepper.backward(loss, group)
+        if group.last:
+            grad_norm = stepper.step()
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from core import dist
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """auto -> bf16 on CUDA, none on CPU; validates the value (the error names the option)."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "none"
+    if amp not in ("bf16", "fp16", "none"):
+        raise ValueError(f"amp must be auto, bf16, fp16 or none; got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp=fp16 needs a CUDA device (use amp=bf16 or amp=none)")
+    return amp
+
+
+def autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Position of a micro-batch in its accumulation group."""
+
+    size: int  # micro-batches in this group (the last group of an epoch may be shorter)
+    first: bool
+    last: bool
+
+
+def steps_per_epoch(batches: int, accum: int) -> int:
+    return math.ceil(batches / accum)
+
+
+class Stepper:
+    """Optimizer steps from micro-batch losses.
+
+    model: the module that runs forward/backward (DDP-wrapped under torch.distributed). schedule: lr per
+    optimizer step (indexed by `self.step`), applied through each group's `lr_scale`; None keeps the lr.
+    """
+
+    def __init__(
+        self,
+        model,
+        optimizer,
+        schedule=None,
+        *,
+        amp: str = "none",
+        clip_grad: float | None = None,
+        accum: int = 1,
+        device: torch.device | None = None,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = None if schedule is None else np.asarray(schedule, dtype=np.float64)
+        self.amp = amp
+        self.clip_grad = clip_grad
+        self.accum = accum
+        self.device = device or next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.step_count = 0
+
+    # ---------------------------------------------------------------------------------------- grouping
+    def group(self, i: int, batches: int) -> Group:
+        start = (i // self.accum) * self.accum
+        size = min(self.accum, batches - start)
+        g = Group(size=size, first=i == start, last=i == start + size - 1)
+        if g.first:
+            self.set_lr()
+        return g
+
+    def lr(self, step: int | None = None) -> float | None:
+        if self.schedule is None:
+            return None
+        s = self.step_count if step is None else step
+        return float(self.schedule[min(s, len(self.schedule) - 1)])
+
+    def set_lr(self) -> None:
+        lr = self.lr()
+        if lr is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+
+    # ---------------------------------------------------------------------------------------- stepping
+    def autocast(self):
+        return autocast(self.amp, self.device)
+
+    def backward(self, loss: torch.Tensor, group: Group) -> None:
+        """Backward of loss / group.size; gradients are all-reduced only on the group's last micro-batch."""
+        sync = group.last or not isinstance(self.model, DistributedDataParallel)
+        with nullcontext() if sync else self.model.no_sync():
+            self.scaler.scale(loss / group.size).backward()
+
+    def step(self) -> torch.Tensor:
+        """Unscale, clip (if set), step, zero the gradients; returns the global gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad if self.clip_grad else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return norm
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step_count = int(state["step"])
+
+
+def rng_state() -> dict:
+    """This process's RNG state (torch CPU, CUDA if present, python), storable with weights_only."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG state, in rank order (collective: call on all ranks)."""
+    return dist.all_gather_object(rng_state())
+
+
+def restore_rng_states(states: list[dict], rank: int, world_size: int, fallback_seed: int) -> None:
+    """Continue each rank's RNG stream exactly if the process count is unchanged; otherwise reseed."""
+    if len(states) == world_size:
+        set_rng_state(states[rank])
+    else:
+        torch.manual_seed(fallback_seed + rank)
+        random.seed(fallback_seed + rank)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed the global RNGs (drop path, dropout); rank-offset so replicas draw different masks."""
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
