@@ -28,6 +28,11 @@ endif
 
 PRETRAIN_DATA = $(if $(DATA),$(DATA),$(TINY)/imagenet)
 TINY_DEPS     = $(if $(DATA),,$(TINY)/imagenet/.done)
+# Downstream tasks start from CKPT, by default the final-stage student of the tiny pretraining run
+# (made by `make pretrain` if absent).
+TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
+START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
+CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
 .PHONY: help venv demo pretrain test test-all lint format bench clean
 
@@ -59,6 +64,9 @@ $(TINY)/imagenet/.done: tools/datasets.py | $(VENV)/.installed
 	rm -rf $(TINY)/imagenet
 	$(PY) -m tools.datasets imagenet --out $(TINY)/imagenet
 	@touch $@
+
+$(TINY_CKPT): | $(VENV)/.installed
+	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 
 demo: venv ## the whole tiny chain on CPU (so far: pretrain)
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1
