@@ -178,9 +178,6 @@ class ViT(VisionTransformer):
         tokens = self.blocks(tokens)
         return self.norm(tokens) if final_norm else tokens
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(x, final_norm=True)
-
     # ------------------------------------------------------------------------------------ interface
     def layer_id(self, name: str) -> int:
         """Layer index of a parameter name (the rule of BEiT/MAE layer decay)."""
