@@ -39,6 +39,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
+    """Hex prefix of a file's SHA-256 (how results.json identifies the checkpoint a run used)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
 def _clean(v):
     if hasattr(v, "item"):
         v = v.item()
