@@ -15,6 +15,7 @@ beta 2, averaged over channels, then over the masked tokens plus the cls token.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +25,21 @@ from core.vit import ViT
 
 
 # ----------------------------------------------------------------------------------------------- masking
-def random_masking(noise: torch.Tensor, mask_ratio: float):
-    """Per-sample random masking defined by `noise` `[N, L]` (uniform; the smallest values are kept).
+@dataclass
+class Mask:
+    """mask `[N, L]` (1 = masked). From random masking also keep_ids `[N, K]` (the visible patches the
+    asymmetric encoder sees), restore_ids `[N, L]` (the inverse shuffle) and masked_ids `[N, L - K]`."""
 
-    Returns keep_ids `[N, K]` (K = int(L * (1 - mask_ratio))), mask `[N, L]` (1 = masked, in the original
-    patch order) and restore_ids `[N, L]` (the inverse of the shuffle: gathering `[kept, masked]` tokens
-    with it restores the original order).
-    """
+    mask: torch.Tensor
+    keep_ids: torch.Tensor | None = None
+    restore_ids: torch.Tensor | None = None
+    masked_ids: torch.Tensor | None = None
+
+
+def random_masking(noise: torch.Tensor, mask_ratio: float) -> Mask:
+    """Per-sample random masking defined by `noise` `[N, L]` (uniform; the smallest values are kept):
+    K = int(L * (1 - mask_ratio)) patches stay visible. Gathering `[kept, masked]` tokens with
+    `restore_ids` puts them back in the original patch order."""
     n, length = noise.shape
     keep = int(length * (1 - mask_ratio))
     shuffle = torch.argsort(noise, dim=1)
@@ -38,7 +47,7 @@ def random_masking(noise: torch.Tensor, mask_ratio: float):
     mask = torch.ones(n, length, device=noise.device)
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, restore)
-    return shuffle[:, :keep], mask, restore
+    return Mask(mask=mask, keep_ids=shuffle[:, :keep], restore_ids=restore, masked_ids=shuffle[:, keep:])
 
 
 # ------------------------------------------------------------------------------------------------ target
@@ -113,10 +122,14 @@ class Stages:
         return epoch + 1 in self.boundaries[1:]
 
 
-def encoder_state(student: nn.Module) -> dict:
-    """The student's encoder weights (decoder and mask token dropped), detached copies."""
+def encoder_state(student: nn.Module, clone: bool = True) -> dict:
+    """The student's encoder weights (decoder, mask token and other pretraining-only parts dropped),
+    detached copies unless clone=False."""
+    drop = ("decoder_", "mask_token", "rel_pos_bias")
     return {
-        k: v.detach().clone() for k, v in student.state_dict().items() if not k.startswith(("decoder_", "mask_token"))
+        k: v.detach().clone() if clone else v.detach()
+        for k, v in student.state_dict().items()
+        if not k.startswith(drop)
     }
 
 

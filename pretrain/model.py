@@ -15,7 +15,6 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from core.vit import ViT, sincos_pos_embed_2d
-from pretrain.dbot import random_masking
 
 
 class MaskedStudent(ViT):
@@ -69,8 +68,7 @@ class MaskedStudent(ViT):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
 
-    def forward(self, images: torch.Tensor, noise: torch.Tensor, mask_ratio: float = 0.75):
-        """images `[N, 3, H, W]`, noise `[N, L]` (defines the mask) -> (pred `[N, 1 + L, C]`, mask `[N, L]`)."""
-        keep_ids, mask, restore_ids = random_masking(noise, mask_ratio)
-        latent = self.forward_tokens(images, keep_ids=keep_ids, final_norm=True)
-        return self.forward_decoder(latent, restore_ids), mask
+    def forward(self, images: torch.Tensor, mask) -> torch.Tensor:
+        """images `[N, 3, H, W]` and a random-masking `Mask` -> prediction `[N, 1 + L, C]`."""
+        latent = self.forward_tokens(images, keep_ids=mask.keep_ids, final_norm=True)
+        return self.forward_decoder(latent, mask.restore_ids)

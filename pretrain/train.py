@@ -23,7 +23,9 @@ from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, 
 from core.monitor import RunLogger, write_results
 from core.optim import param_groups, warmup_cosine
 from core.vit import preset
-from pretrain import dbot
+from pretrain import dbot, targets
+from pretrain.beit import SymmetricStudent
+from pretrain.masking import BlockMasking, RandomMasking
 from pretrain.model import MaskedStudent
 from tools.convert import read_backbone
 
@@ -56,6 +58,18 @@ class Plan:
         self.depths = depths
         if not 0.0 < cfg.model.mask_ratio < 1.0:
             raise ConfigError(f"model.mask_ratio must be in (0, 1), got {cfg.model.mask_ratio}")
+        if cfg.model.kind not in ("mae", "beit"):
+            raise ConfigError(f"model.kind must be mae or beit, got {cfg.model.kind!r}")
+        if cfg.model.masking not in ("random", "block"):
+            raise ConfigError(f"model.masking must be random or block, got {cfg.model.masking!r}")
+        if cfg.model.masking == "block" and cfg.model.kind == "mae":
+            raise ConfigError("model.masking=block needs model.kind=beit (the asymmetric encoder needs equal counts)")
+        try:
+            targets.check_kind(cfg.target.kind)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if cfg.target.kind == "ema" and (cfg.model.kind != "mae" or cfg.model.masking != "random"):
+            raise ConfigError("target.kind=ema (multi-fold teacher) needs model.kind=mae with random masking")
         # teacher of stage 0
         tsize = cfg.teacher.size or cfg.model.size
         tdepth = cfg.teacher.init_depth
@@ -104,22 +118,53 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------- builders
-def build_student(plan: Plan, stage: int, target_dim: int) -> MaskedStudent:
+def build_student(plan: Plan, stage: int, target_dim: int):
+    """The student of a stage, initialised from the stage seed (identical on every rank)."""
     c = plan.cfg.model
-    student = MaskedStudent(
-        target_dim=target_dim,
-        decoder_dim=c.decoder.dim,
-        decoder_depth=c.decoder.depth,
-        decoder_heads=c.decoder.heads,
-        drop_path_rate=c.drop_path,
-        **plan.student_arch(stage),
-    )
+    if c.kind == "beit":
+        student = SymmetricStudent(
+            target_dim=target_dim,
+            layer_scale=c.layer_scale,
+            rel_pos_bias=c.rel_pos_bias,
+            drop_path_rate=c.drop_path,
+            **plan.student_arch(stage),
+        )
+    else:
+        student = MaskedStudent(
+            target_dim=target_dim,
+            decoder_dim=c.decoder.dim,
+            decoder_depth=c.decoder.depth,
+            decoder_heads=c.decoder.heads,
+            drop_path_rate=c.drop_path,
+            **plan.student_arch(stage),
+        )
     student.initialize_weights(torch.Generator().manual_seed(plan.stage_seed(stage)))
     return student
 
 
-def build_first_teacher(plan: Plan, student: MaskedStudent):
-    """Stage-0 teacher: an external checkpoint, an independently seeded random ViT, or (released) the
+def build_masker(plan: Plan):
+    grid = tuple(plan.arch["img_size"] // plan.arch["patch_size"] for _ in range(2))
+    if plan.cfg.model.masking == "block":
+        return BlockMasking(grid, plan.cfg.model.mask_ratio)
+    return RandomMasking(grid[0] * grid[1], plan.cfg.model.mask_ratio)
+
+
+def teacher_loss(plan: Plan) -> dict:
+    c = plan.cfg.loss
+    return dict(norm=c.norm, loss=c.kind, beta=c.beta, include_cls=c.include_cls)
+
+
+def frozen_copy(student, plan: Plan, stage: int):
+    """The bootstrapped teacher: the student's encoder, frozen (the whole symmetric student for beit)."""
+    if isinstance(student, SymmetricStudent):
+        teacher = build_student(plan, stage, target_dim=student.decoder_pred.out_features)
+        teacher.load_state_dict(student.state_dict())
+        return teacher.requires_grad_(False).eval()
+    return dbot.make_teacher(student.arch, dbot.encoder_state(student))
+
+
+def first_teacher(plan: Plan, student):
+    """Stage-0 ViT teacher: an external checkpoint, an independently seeded random ViT, or (released) the
     student's initial encoder truncated to `teacher.init_depth` blocks. Returns (teacher, description)."""
     t = plan.cfg.teacher
     if t.checkpoint is not None:
@@ -132,10 +177,52 @@ def build_first_teacher(plan: Plan, student: MaskedStudent):
     if t.seed is not None:
         teacher = dbot.make_teacher(plan.teacher0_arch)
         teacher.initialize_weights(torch.Generator().manual_seed(int(t.seed)))
-        teacher.requires_grad_(False)
-        return teacher, f"random, seed {t.seed}"
+        return teacher.requires_grad_(False), f"random, seed {t.seed}"
+    if plan.cfg.model.kind == "beit" and plan.cfg.teacher.init_depth is None:
+        return frozen_copy(student, plan, 0), f"random = student's initial encoder (seed {plan.stage_seed(0)})"
     teacher = dbot.make_teacher(plan.teacher0_arch, dbot.encoder_state(student))
     return teacher, f"random = student's initial encoder (seed {plan.stage_seed(0)}), depth {len(teacher.blocks)}"
+
+
+def build_models(plan: Plan, stage: int, state: dict | None):
+    """(student, target) for `stage`; from `state` (checkpoint-last) when resuming."""
+    cfg = plan.cfg
+    grid = (plan.arch["img_size"] // plan.arch["patch_size"],) * 2
+    first = stage == 0 or not cfg.teacher.bootstrap
+    independent = first and cfg.target.kind not in targets.NEEDS_STUDENT
+    try:
+        if independent:
+            target = targets.build_independent(cfg.target, plan.arch["patch_size"], grid)
+            student = build_student(plan, stage, target.dim)
+        elif first and cfg.target.kind == "ema":
+            student = build_student(plan, stage, plan.arch["embed_dim"])
+            target = targets.build_ema(cfg.target, student)
+        else:  # a ViT teacher: the first one, or a bootstrapped one rebuilt from the checkpoint
+            if state is not None:
+                t_meta = state["meta"]
+                student = build_student(plan, stage, t_meta["target_dim"])
+                if t_meta["teacher_kind"] == "beit":
+                    teacher = build_student(plan, stage - 1 if stage else 0, t_meta["target_dim"]).requires_grad_(False)
+                else:
+                    teacher = dbot.make_teacher(t_meta["teacher_arch"])
+                target = targets.TeacherTarget(
+                    teacher,
+                    final_norm=cfg.teacher.final_norm,
+                    **teacher_loss(plan),
+                    description=t_meta["target"],
+                )
+            else:
+                student = build_student(plan, stage, plan.teacher0_arch["embed_dim"])
+                teacher, desc = first_teacher(plan, student)
+                target = targets.TeacherTarget(
+                    teacher, final_norm=cfg.teacher.final_norm, **teacher_loss(plan), description=desc
+                )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if state is not None:
+        student.load_state_dict(state["model"])
+        target.load_state_dict(state["target"], strict=False)
+    return student, target
 
 
 def build_optimizer(plan: Plan, student) -> torch.optim.Optimizer:
@@ -161,7 +248,7 @@ def lr_schedule(plan: Plan, steps_per_epoch: int, batches_per_epoch: int):
     return np.concatenate(out)
 
 
-def make_loader(plan: Plan, env: dist.DistEnv, num_patches: int):
+def make_loader(plan: Plan, env: dist.DistEnv, masker):
     c = plan.cfg.data
     tf = transforms.Compose(
         [
@@ -178,7 +265,7 @@ def make_loader(plan: Plan, env: dist.DistEnv, num_patches: int):
         tf,
         seed=plan.cfg.seed,
         skip_corrupt=c.skip_corrupt,
-        extra=lambda: torch.rand(num_patches),
+        extra=masker.sample,
         what="data.root (train split)",
     )
     sampler = ShardedSampler(len(dataset), c.batch_per_gpu, rank=env.rank, world=env.world_size, seed=plan.cfg.seed)
@@ -201,8 +288,20 @@ def make_loader(plan: Plan, env: dist.DistEnv, num_patches: int):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def meta(plan: Plan, stage: int, teacher) -> dict:
-    return {"format": FORMAT, "student_arch": plan.student_arch(stage), "teacher_arch": teacher.arch, "stage": stage}
+def meta(plan: Plan, stage: int, target) -> dict:
+    teacher = getattr(target, "teacher", None)
+    kind = None if teacher is None else "beit" if isinstance(teacher, SymmetricStudent) else "vit"
+    return {
+        "format": FORMAT,
+        "stage": stage,
+        "student_kind": plan.cfg.model.kind,
+        "student_arch": plan.student_arch(stage),
+        "target": target.describe(),
+        "target_kind": target.name,
+        "target_dim": target.dim,
+        "teacher_kind": kind,
+        "teacher_arch": teacher.arch if teacher is not None else None,
+    }
 
 
 def check_resume(path: Path, state: dict, plan: Plan) -> None:
@@ -247,18 +346,10 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     state = ckpt.load(resume_path) if resume_path else None
     if state:
         check_resume(resume_path, state, plan)
-
     stage = int(state["stage"]) if state else 0
-    if state:
-        teacher = dbot.make_teacher(state["meta"]["teacher_arch"])
-        teacher.load_state_dict(state["teacher"])
-        teacher_desc = f"resumed from {resume_path}"
-        student = build_student(plan, stage, target_dim=teacher.embed_dim)
-    else:
-        student = build_student(plan, stage, target_dim=plan.teacher0_arch["embed_dim"])
-        teacher, teacher_desc = build_first_teacher(plan, student)
-
-    dataset, sampler, loader = make_loader(plan, env, student.num_patches)
+    student, target = build_models(plan, stage, state)
+    masker = build_masker(plan)
+    dataset, sampler, loader = make_loader(plan, env, masker)
     batches = sampler.batches_per_epoch
     schedule = lr_schedule(plan, engine.steps_per_epoch(batches, plan.accum), batches)
 
@@ -268,7 +359,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
         return model
 
     student.to(device)
-    teacher.to(device)
+    target.to(device)
     ddp_student = wrap(student)
     stepper = engine.Stepper(
         ddp_student,
@@ -281,29 +372,31 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     )
     start_epoch, stage_losses, skipped = 0, {}, 0
     if state:
-        student.load_state_dict(state["model"])
         stepper.load_state_dict(state["stepper"])
         start_epoch = int(state["epoch"])
         stage_losses = dict(state.get("stage_losses", {}))
         skipped = int(state.get("skipped", 0)) if env.is_main else 0  # the saved count is the all-rank total
         engine.restore_rng_states(state["rng"], env.rank, env.world_size, cfg.seed + 7919 * start_epoch)
+    first_target = target.describe() if not state else state["meta"].get("first_target", target.describe())
     del state
 
     log = RunLogger(plan.out, enabled=env.is_main, tensorboard=cfg.log.tensorboard)
     if env.is_main:
         save_config(cfg, plan.out / "config.yaml")
         log.write(
-            f"dBOT pretraining: {cfg.model.size} student {plan.depths} blocks/stage, stages {plan.stages.boundaries}, "
-            f"{len(dataset)} images, global batch {cfg.optim.global_batch} = {cfg.data.batch_per_gpu} x "
-            f"{env.world_size} proc x {plan.accum} accum, lr {plan.lr:.3g}, amp {plan.amp}, device {device}\n"
-            f"teacher: {teacher_desc}" + (f"\nresuming at epoch {start_epoch}" if start_epoch else "")
+            f"dBOT pretraining: {cfg.model.size} {cfg.model.kind} student {plan.depths} blocks/stage, stages "
+            f"{plan.stages.boundaries}, {len(dataset)} images, global batch {cfg.optim.global_batch} = "
+            f"{cfg.data.batch_per_gpu} x {env.world_size} proc x {plan.accum} accum, lr {plan.lr:.3g}, amp {plan.amp}, "
+            f"device {device}\ntarget: {target.describe()}"
+            + (f"\nresuming at epoch {start_epoch}" if start_epoch else "")
         )
 
-    def compiled(student_fwd, teacher_fwd):
-        return (torch.compile(student_fwd), torch.compile(teacher_fwd)) if cfg.compile else (student_fwd, teacher_fwd)
+    def compiled(student_fwd, target_fwd):
+        return (torch.compile(student_fwd), torch.compile(target_fwd)) if cfg.compile else (student_fwd, target_fwd)
 
-    fwd_student, fwd_teacher = compiled(ddp_student, teacher)
-    log.progress(len(schedule), initial=stepper.step_count, desc="pretrain")
+    fwd_student, fwd_target = compiled(ddp_student, target)
+    total_steps = len(schedule)
+    log.progress(total_steps, initial=stepper.step_count, desc="pretrain")
     t_last, imgs_since = time.time(), 0
     loss_sum, loss_count = torch.zeros((), device=device), 0
     epoch_loss = torch.zeros((), device=device)
@@ -318,16 +411,14 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
             group = stepper.group(i, batches)
             if batch is None:
                 raise RuntimeError(f"epoch {epoch}: every image of batch {i} failed to decode; check data.root")
-            images, _, noise = batch
+            images, _, spec = batch
             skipped += cfg.data.batch_per_gpu - images.shape[0]
             images = images.to(device, non_blocking=True)
-            noise = noise.to(device, non_blocking=True)
+            mask = masker(spec.to(device, non_blocking=True))
             with stepper.autocast():
-                target = dbot.teacher_target(fwd_teacher, images, final_norm=cfg.teacher.final_norm)
-                pred, mask = fwd_student(images, noise, cfg.model.mask_ratio)
-            if cfg.loss.standardize:
-                target = dbot.standardize(target)
-            loss = dbot.distill_loss(pred, target, mask, beta=cfg.loss.beta, include_cls=cfg.loss.include_cls)
+                goal = fwd_target(images, mask)
+                pred = fwd_student(images, mask)
+            loss = target.loss(pred, goal, mask)
             stepper.backward(loss, group)
             loss_sum += loss.detach()
             epoch_loss += loss.detach()
@@ -337,6 +428,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
                 continue
             grad_norm = stepper.step()
             step = stepper.step_count
+            target.after_step(student, step / total_steps)
             if step % cfg.log.every == 0 or i == batches - 1:
                 mean_loss = dist.all_reduce_mean(loss_sum / max(loss_count, 1)).item()
                 if not math.isfinite(mean_loss):
@@ -354,23 +446,24 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
                 loss_sum.zero_()
                 loss_count, imgs_since, t_last = 0, 0, now
             log.update(1)
+        target.after_epoch(student, (epoch + 1) / plan.stages.total_epochs)
 
         # ---- end of epoch: at a stage end the stage checkpoints, then the switch; "last" for resume
         stage_end = plan.stages.is_last_epoch_of_stage(epoch)
         if stage_end:
             stage_losses[str(stage)] = dist.all_reduce_mean(epoch_loss / batches).item()
             if env.is_main:
-                checkpoints.update(save_stage(plan, stage, epoch, student, teacher, stepper))
+                checkpoints.update(save_stage(plan, stage, epoch, student, target, stepper))
                 log.write(f"stage {stage} done at epoch {epoch + 1}: loss {stage_losses[str(stage)]:.4f}")
             if stage + 1 < len(plan.stages):
-                student, teacher, ddp_student = next_stage(plan, stage + 1, student, teacher, stepper, wrap, device)
+                student, target, ddp_student = next_stage(plan, stage + 1, student, target, stepper, wrap, device)
                 dist.assert_replicas_equal(student, "re-initialised student")
-                dist.assert_replicas_equal(teacher, "new teacher")
-                fwd_student, fwd_teacher = compiled(ddp_student, teacher)
+                dist.assert_replicas_equal(target, "new target")
+                fwd_student, fwd_target = compiled(ddp_student, target)
         done = epoch + 1 == plan.stages.total_epochs
         stopping = cfg.max_epochs is not None and epoch + 1 - start_epoch >= cfg.max_epochs
         if stage_end or done or stopping or (epoch + 1) % cfg.log.save_every_epochs == 0:
-            save_last(plan, env, epoch + 1, student, teacher, stepper, stage_losses, skipped)
+            save_last(plan, env, epoch + 1, student, target, stepper, stage_losses, skipped, first_target)
         dist.barrier()
         if stopping and not done:
             log.write(f"stopping after {cfg.max_epochs} epoch(s) (max_epochs); run again to resume")
@@ -381,19 +474,19 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     final = len(plan.stages) - 1
     results = {
         "model": cfg.model.size,
+        "student": cfg.model.kind,
         "dataset": str(cfg.data.root),
         "stages": plan.stages.boundaries,
         "stage_final_loss": stage_losses,
-        "teacher": teacher_desc,
+        "target": first_target,
+        "target_kind": cfg.target.kind,
+        "bootstrap": bool(cfg.teacher.bootstrap),
+        "teacher": first_target,
         "teacher_seed": cfg.teacher.seed if cfg.teacher.seed is not None else plan.stage_seed(0),
         "skipped_images": int(dist.all_reduce_sum(torch.tensor(skipped, device=device)).item()),
         "checkpoint": str(plan.out / f"checkpoint-stage{final}-student.pth"),
         "checkpoints": checkpoints
-        or {
-            f"stage{s}_{w}": str(plan.out / f"checkpoint-stage{s}-{w}.pth")
-            for s in range(len(plan.stages))
-            for w in ("student", "teacher")
-        },
+        or {p.stem.removeprefix("checkpoint-"): str(p) for p in sorted(plan.out.glob("checkpoint-stage*.pth"))},
         "global_batch": cfg.optim.global_batch,
         "lr": plan.lr,
     }
@@ -403,9 +496,11 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     return results
 
 
-def save_stage(plan: Plan, stage: int, epoch: int, student, teacher, stepper) -> dict:
-    """The per-stage pair: the student (with decoder, optimiser, scaler) and the teacher it learnt from."""
-    m = meta(plan, stage, teacher)
+def save_stage(plan: Plan, stage: int, epoch: int, student, target, stepper) -> dict:
+    """The per-stage pair: the student (with decoder, optimiser, scaler) and the ViT teacher it learnt from
+    (none for pixel / HOG / external timm targets)."""
+    m = meta(plan, stage, target)
+    name = f"checkpoint-stage{stage}"
     student_state = {
         "model": student.state_dict(),
         **stepper.state_dict(),
@@ -413,16 +508,16 @@ def save_stage(plan: Plan, stage: int, epoch: int, student, teacher, stepper) ->
         "config": to_dict(plan.cfg),
         "meta": m,
     }
-    paths = {
-        f"stage{stage}_student": ckpt.save(student_state, plan.out / f"checkpoint-stage{stage}-student.pth"),
-        f"stage{stage}_teacher": ckpt.save(
-            {"model": teacher.state_dict(), "meta": m}, plan.out / f"checkpoint-stage{stage}-teacher.pth"
-        ),
-    }
+    paths = {f"stage{stage}_student": ckpt.save(student_state, plan.out / f"{name}-student.pth")}
+    teacher = getattr(target, "teacher", None)
+    if teacher is not None:
+        paths[f"stage{stage}_teacher"] = ckpt.save(
+            {"model": teacher.state_dict(), "meta": m}, plan.out / f"{name}-teacher.pth"
+        )
     return {k: str(v) for k, v in paths.items()}
 
 
-def save_last(plan: Plan, env, next_epoch: int, student, teacher, stepper, stage_losses, skipped) -> None:
+def save_last(plan: Plan, env, next_epoch: int, student, target, stepper, stage_losses, skipped, first_target):
     """checkpoint-last.pth: everything a resumed run needs to continue exactly (every rank's RNG state)."""
     rngs = engine.gather_rng_states()
     total_skipped = int(dist.all_reduce_sum(torch.tensor(skipped, device=env.device)).item())
@@ -432,7 +527,7 @@ def save_last(plan: Plan, env, next_epoch: int, student, teacher, stepper, stage
     ckpt.save(
         {
             "model": student.state_dict(),
-            "teacher": teacher.state_dict(),
+            "target": target.resume_state(),
             "stepper": stepper.state_dict(),
             "epoch": next_epoch,
             "stage": stage,
@@ -440,31 +535,33 @@ def save_last(plan: Plan, env, next_epoch: int, student, teacher, stepper, stage
             "skipped": total_skipped,
             "rng": rngs,
             "config": to_dict(plan.cfg),
-            "meta": meta(plan, stage, teacher),
+            "meta": {**meta(plan, stage, target), "first_target": first_target},
         },
         plan.out / "checkpoint-last.pth",
     )
 
 
-def next_stage(plan: Plan, stage: int, student, teacher, stepper, wrap, device):
-    """Teacher <- student encoder (or kept, with teacher.bootstrap=false); student re-initialised from the
-    stage seed. Optimiser moments and loss scaler carry over (released behaviour) unless
-    stages.reset_optimizer; a student whose shape changes (depth, target width) is rebuilt with a new
-    optimiser."""
+def next_stage(plan: Plan, stage: int, student, target, stepper, wrap, device):
+    """The stage switch. With teacher.bootstrap the target becomes the current student's encoder (frozen);
+    otherwise the target is kept. The student is re-initialised from the stage seed; optimiser moments and
+    loss scaler carry over (released behaviour) unless stages.reset_optimizer. A student whose shape changes
+    (depth, target width) is rebuilt with a new optimiser."""
     if plan.cfg.teacher.bootstrap:
-        new_teacher = dbot.make_teacher(plan.student_arch(stage - 1), dbot.encoder_state(student)).to(device)
-    else:
-        new_teacher = teacher
-    same_shape = (
-        plan.depths[stage] == plan.depths[stage - 1] and new_teacher.embed_dim == student.decoder_pred.out_features
-    )
+        teacher = frozen_copy(student, plan, stage - 1).to(device)
+        target = targets.TeacherTarget(
+            teacher,
+            final_norm=plan.cfg.teacher.final_norm,
+            **teacher_loss(plan),
+            description=f"bootstrapped: stage-{stage - 1} student",
+        ).to(device)
+    same_shape = plan.depths[stage] == plan.depths[stage - 1] and target.dim == student.decoder_pred.out_features
     if same_shape:
         dbot.reinitialize(student, plan.stage_seed(stage))
     else:
-        student = build_student(plan, stage, target_dim=new_teacher.embed_dim).to(device)
+        student = build_student(plan, stage, target.dim).to(device)
     ddp_student = wrap(student)
     stepper.model = ddp_student
     if not same_shape or plan.cfg.stages.reset_optimizer:
         stepper.optimizer = build_optimizer(plan, student)
         stepper.scaler = torch.amp.GradScaler("cuda", enabled=plan.amp == "fp16")
-    return student, new_teacher, ddp_student
+    return student, target, ddp_student

@@ -18,7 +18,8 @@ def tiny_student(target_dim=96, **kw):
 
 def test_masking_keeps_exact_count_per_sample_and_restore_inverts_the_shuffle():
     noise = torch.rand(5, 64, generator=torch.Generator().manual_seed(0))
-    keep, mask, restore = dbot.random_masking(noise, 0.75)
+    m = dbot.random_masking(noise, 0.75)
+    keep, mask, restore = m.keep_ids, m.mask, m.restore_ids
     assert keep.shape == (5, 16)
     assert torch.equal(mask.sum(1), torch.full((5,), 48.0))
     # the kept patches are exactly the unmasked ones, and they are the 16 smallest noise values
@@ -31,11 +32,14 @@ def test_masking_keeps_exact_count_per_sample_and_restore_inverts_the_shuffle():
     x = torch.arange(64.0).expand(5, 64)
     shuffled = torch.gather(x, 1, torch.argsort(noise, 1))
     assert torch.equal(torch.gather(shuffled, 1, restore), x)
+    # masked_ids are exactly the masked patches
+    for n in range(5):
+        assert set(m.masked_ids[n].tolist()) == set(torch.nonzero(mask[n]).flatten().tolist())
 
 
 def test_mask_ratio_rounding_follows_int_truncation():
-    keep, mask, _ = dbot.random_masking(torch.rand(2, 10), 0.75)  # int(10 * 0.25) = 2 kept
-    assert keep.shape == (2, 2) and mask.sum().item() == 16
+    m = dbot.random_masking(torch.rand(2, 10), 0.75)  # int(10 * 0.25) = 2 kept
+    assert m.keep_ids.shape == (2, 2) and m.mask.sum().item() == 16
 
 
 def test_standardize_by_hand():
@@ -66,14 +70,14 @@ def test_student_accepts_explicit_noise_and_is_deterministic():
     student = tiny_student().eval()
     x = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 64)
-    p1, m1 = student(x, noise)
-    p2, m2 = student(x, noise)
-    assert p1.shape == (2, 65, 96) and torch.equal(p1, p2) and torch.equal(m1, m2)
+    p1 = student(x, dbot.random_masking(noise, 0.75))
+    p2 = student(x, dbot.random_masking(noise.clone(), 0.75))
+    assert p1.shape == (2, 65, 96) and torch.equal(p1, p2)
 
 
 def test_decoder_predicts_the_teacher_width():
     student = tiny_student(target_dim=160)
-    pred, _ = student(torch.randn(1, 3, 32, 32), torch.rand(1, 64))
+    pred = student(torch.randn(1, 3, 32, 32), dbot.random_masking(torch.rand(1, 64), 0.75))
     assert pred.shape[-1] == 160
 
 
@@ -86,8 +90,8 @@ def test_teacher_is_frozen_and_gets_no_gradient():
     for _ in range(3):
         target = dbot.standardize(dbot.teacher_target(teacher, x))
         assert not target.requires_grad
-        pred, mask = student(x, torch.rand(2, 64))
-        dbot.distill_loss(pred, target, mask).backward()
+        mask = dbot.random_masking(torch.rand(2, 64), 0.75)
+        dbot.distill_loss(student(x, mask), target, mask.mask).backward()
         opt.step()
         opt.zero_grad()
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())

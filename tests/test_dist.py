@@ -69,7 +69,7 @@ def test_two_processes_equal_one_process(tiny_imagenet, tmp_path):
     a, b = ckpt.load(one / "checkpoint-last.pth"), ckpt.load(two / "checkpoint-last.pth")
     assert a["stepper"]["step"] == b["stepper"]["step"] == 12 and b["stage"] == 1
     tol = 1e-4  # float summation order differs (all-reduce of two halves); training moves weights ~100x more
-    for key in ("model", "teacher"):
+    for key in ("model", "target"):
         for name, x in a[key].items():
             assert torch.allclose(x, b[key][name], atol=tol, rtol=0), (key, name, (x - b[key][name]).abs().max())
     # the teacher of stage 1 is the stage-0 student of both runs, and it moved far more than the tolerance

@@ -22,7 +22,7 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_state(a: dict, b: dict, keys=("model", "teacher")):
+def assert_same_state(a: dict, b: dict, keys=("model", "target")):
     for key in keys:
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
