@@ -256,6 +256,7 @@ def make_loader(plan: Plan, env: dist.DistEnv, masker):
                 plan.arch["img_size"], scale=tuple(c.crop_scale), interpolation=transforms.InterpolationMode.BICUBIC
             ),
             transforms.RandomHorizontalFlip(),
+            *([transforms.ColorJitter(c.color_jitter, c.color_jitter, c.color_jitter)] if c.color_jitter else []),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
