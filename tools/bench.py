@@ -25,7 +25,9 @@ from core.engine import Stepper, resolve_amp
 from core.optim import param_groups
 from core.vit import preset
 from pretrain import dbot
+from pretrain.masking import RandomMasking
 from pretrain.model import MaskedStudent
+from pretrain.targets import TeacherTarget
 
 # dense bf16 peak, TFLOP/s (RECIPES.md section 8)
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -44,27 +46,27 @@ def build(model: str, device: torch.device, decoder=(512, 8, 16)):
     student = MaskedStudent(
         target_dim=arch["embed_dim"], decoder_dim=decoder[0], decoder_depth=decoder[1], decoder_heads=decoder[2], **arch
     ).to(device)
-    teacher = dbot.make_teacher(arch, dbot.encoder_state(student)).to(device)
-    return student, teacher
+    target = TeacherTarget(dbot.make_teacher(arch, dbot.encoder_state(student))).to(device)
+    return student, target
 
 
 def bench_pretrain(args) -> dict:
     device = torch.device(args.device)
     amp = resolve_amp(args.amp, device)
-    student, teacher = build(args.model, device)
+    student, target = build(args.model, device)
     opt = torch.optim.AdamW(param_groups(student, 0.05), lr=1e-4, betas=(0.9, 0.95))
     stepper = Stepper(student, opt, amp=amp, device=device)
     n = args.batch
     images = torch.randn(n, 3, student.patch_embed.img_size[0], student.patch_embed.img_size[1], device=device)
-    noise = torch.rand(n, student.num_patches, device=device)
-    fwd_student, fwd_teacher = (torch.compile(student), torch.compile(teacher)) if args.compile else (student, teacher)
+    mask = RandomMasking(student.num_patches, 0.75)(torch.rand(n, student.num_patches, device=device))
+    fwd_student, fwd_target = (torch.compile(student), torch.compile(target)) if args.compile else (student, target)
 
     def step():
         g = stepper.group(0, 1)
         with stepper.autocast():
-            target = dbot.standardize(dbot.teacher_target(fwd_teacher, images))
-            pred, mask = fwd_student(images, noise)
-        stepper.backward(dbot.distill_loss(pred, target, mask), g)
+            goal = fwd_target(images, mask)
+            pred = fwd_student(images, mask)
+        stepper.backward(target.loss(pred, goal, mask), g)
         stepper.step()
 
     with FlopCounterMode(display=False) as counter:
