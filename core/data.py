@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,10 +43,18 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Run a block with the CPU torch RNG seeded to `seed`, restoring the caller's RNG afterwards."""
+    """Run a block with the CPU torch, python `random` and numpy global RNGs seeded from `seed` (timm's
+    augmentations draw from all three), restoring the caller's RNG states afterwards."""
+    py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        yield
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
@@ -116,11 +125,32 @@ class ImageFolder(Dataset):
             if self.skip_corrupt:
                 return None
             raise
-        with seeded(sample_seed(self.seed, epoch, index)):
-            x = self.transform(img) if self.transform is not None else img
-            if self.extra is not None:
-                return x, label, self.extra()
-        return x, label
+        return augment(img, label, self.transform, self.extra, sample_seed(self.seed, epoch, index))
+
+
+def augment(img, label, transform, extra, seed: int):
+    """`(transform(img), label[, extra()])` drawn inside the sample's seeded RNG context."""
+    with seeded(seed):
+        x = transform(img) if transform is not None else img
+        if extra is not None:
+            return x, label, extra()
+    return x, label
+
+
+class Augmented(Dataset):
+    """Any dataset of `(PIL image, label)` (torchvision's CIFAR, Flowers-102, ...) with the same reproducible
+    per-sample augmentation as `ImageFolder`: keys `(epoch, index)` or `index`."""
+
+    def __init__(self, base, transform, *, seed: int = 0, extra: Callable[[], torch.Tensor] | None = None):
+        self.base, self.transform, self.seed, self.extra = base, transform, seed, extra
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        img, label = self.base[index][:2]
+        return augment(img, label, self.transform, self.extra, sample_seed(self.seed, epoch, index))
 
 
 def collate_skip(batch):
@@ -132,8 +162,10 @@ def collate_skip(batch):
 class ShardedSampler(Sampler):
     """Deterministic sampler over `n` items for rank `rank` of `world` processes.
 
-    The permutation depends only on (seed, epoch); it is padded to a multiple of `world * batch_size`
-    by wrapping around, so every rank gets the same whole number of batches and no sample is dropped.
+    Training (default): the permutation depends only on (seed, epoch); it is padded to a multiple of
+    `world * batch_size` by wrapping around (or cut, with drop_last), so every rank gets the same whole
+    number of batches. Evaluation (`shuffle=False, drop_last=False, pad=False`): rank r takes items
+    r, r + world, ... with nothing repeated, so metrics summed over ranks count every item once.
     Yields `(epoch, index)` keys. `start_batch` skips the batches an interrupted epoch already did.
     """
 
@@ -147,36 +179,58 @@ class ShardedSampler(Sampler):
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        pad: bool = True,
     ):
         if n == 0:
             raise DataError("the dataset is empty")
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.seed, self.shuffle, self.drop_last, self.pad = seed, shuffle, drop_last, pad
         self.epoch = 0
         self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    def _mine(self) -> np.ndarray:
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        )
+        if not self.pad and not self.drop_last:
+            return order[self.rank :: self.world]
+        per_rank = self.n / self.world
+        batches = int(per_rank // self.batch_size) if self.drop_last else int(np.ceil(per_rank / self.batch_size))
+        total = batches * self.batch_size * self.world
+        if total > len(order):
+            order = np.resize(order, total)  # wrap around
+        return order[:total][self.rank :: self.world]
+
     @property
     def batches_per_epoch(self) -> int:
+        mine = len(self._mine()) if not self.pad and not self.drop_last else None
+        if mine is not None:
+            return int(np.ceil(mine / self.batch_size))
         per_rank = self.n / self.world
         return int(per_rank // self.batch_size) if self.drop_last else int(np.ceil(per_rank / self.batch_size))
 
     def __len__(self) -> int:
-        return max(self.batches_per_epoch - self.start_batch, 0) * self.batch_size
-
-    def _order(self) -> np.ndarray:
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            return rng.permutation(self.n)
-        return np.arange(self.n)
+        return max(len(self._mine()) - self.start_batch * self.batch_size, 0)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self._order()
-        total = self.batches_per_epoch * self.batch_size * self.world
-        if total > len(order):
-            order = np.resize(order, total)  # wrap around
-        mine = order[:total][self.rank :: self.world]
-        for i in mine[self.start_batch * self.batch_size :]:
+        for i in self._mine()[self.start_batch * self.batch_size :]:
             yield self.epoch, int(i)
+
+
+def make_loader(dataset, sampler: ShardedSampler, *, workers: int, device: torch.device, drop_last: bool):
+    """The DataLoader every task uses: keys from `sampler`, corrupt samples dropped by `collate_skip`."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset,
+        batch_size=sampler.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        collate_fn=collate_skip,
+        persistent_workers=workers > 0,
+    )

@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from core import checkpoint as ckpt
 from core import dist, engine
 from core.config import ConfigError, save_config, to_dict
-from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, collate_skip
+from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, make_loader
 from core.monitor import RunLogger, write_results
 from core.optim import param_groups, warmup_cosine
 from core.vit import preset
@@ -248,7 +247,7 @@ def lr_schedule(plan: Plan, steps_per_epoch: int, batches_per_epoch: int):
     return np.concatenate(out)
 
 
-def make_loader(plan: Plan, env: dist.DistEnv, masker):
+def build_data(plan: Plan, env: dist.DistEnv, masker):
     c = plan.cfg.data
     tf = transforms.Compose(
         [
@@ -275,16 +274,7 @@ def make_loader(plan: Plan, env: dist.DistEnv, masker):
             f"data.root: {len(dataset)} training images give no full batch of data.batch_per_gpu="
             f"{c.batch_per_gpu} on {env.world_size} process(es)"
         )
-    loader = DataLoader(
-        dataset,
-        batch_size=c.batch_per_gpu,
-        sampler=sampler,
-        num_workers=c.workers,
-        pin_memory=env.device.type == "cuda",
-        drop_last=True,
-        collate_fn=collate_skip,
-        persistent_workers=c.workers > 0,
-    )
+    loader = make_loader(dataset, sampler, workers=c.workers, device=env.device, drop_last=True)
     return dataset, sampler, loader
 
 
@@ -350,7 +340,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     stage = int(state["stage"]) if state else 0
     student, target = build_models(plan, stage, state)
     masker = build_masker(plan)
-    dataset, sampler, loader = make_loader(plan, env, masker)
+    dataset, sampler, loader = build_data(plan, env, masker)
     batches = sampler.batches_per_epoch
     schedule = lr_schedule(plan, engine.steps_per_epoch(batches, plan.accum), batches)
 

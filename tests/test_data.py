@@ -75,3 +75,13 @@ def test_tiny_generator_is_deterministic_and_in_imagenet_layout(tmp_path):
 
     sizes = {Image.open(p).size for p, _ in samples}
     assert all(32 <= w <= 64 and 32 <= h <= 64 for w, h in sizes)
+
+
+def test_evaluation_sharding_counts_every_item_once():
+    shards = [list(ShardedSampler(10, 4, rank=r, world=3, shuffle=False, drop_last=False, pad=False)) for r in range(3)]
+    items = sorted(i for shard in shards for _, i in shard)
+    assert items == list(range(10))
+    assert [
+        ShardedSampler(10, 4, rank=r, world=3, shuffle=False, drop_last=False, pad=False).batches_per_epoch
+        for r in range(3)
+    ] == [1, 1, 1]
