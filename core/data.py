@@ -149,7 +149,10 @@ class Augmented(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        img, label = self.base[index][:2]
+        item = self.base[index]
+        if item is None:  # a corrupt image skipped by the base dataset
+            return None
+        img, label = item[:2]
         return augment(img, label, self.transform, self.extra, sample_seed(self.seed, epoch, index))
 
 

@@ -138,6 +138,13 @@ class Stepper:
         self.step_count = int(state["step"])
 
 
+def ddp(model: torch.nn.Module, env) -> torch.nn.Module:
+    """The model wrapped for DistributedDataParallel when several processes run, else the model itself."""
+    if not env.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
 def rng_state() -> dict:
     """This process's RNG state (torch CPU, CUDA if present, python), storable with weights_only."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 from core import checkpoint as ckpt
@@ -345,9 +344,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     schedule = lr_schedule(plan, engine.steps_per_epoch(batches, plan.accum), batches)
 
     def wrap(model):
-        if env.distributed:
-            return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return model
+        return engine.ddp(model, env)
 
     student.to(device)
     target.to(device)

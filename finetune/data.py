@@ -1,0 +1,131 @@
+"""Classification datasets in their standard layouts, and the MAE/dBOT transforms.
+
+`data.kind`:
+- `imagenet` / `folder`: `<root>/train/<class>/*` and `<root>/val/<class>/*` (the class lists must agree);
+- `cifar10` / `cifar100`: the python-pickle release (`cifar-10-batches-py/`, `cifar-100-python/` under root);
+- `flowers102`: `flowers-102/` (jpg/, imagelabels.mat, setid.mat), train+val for training, test for evaluation;
+- `cars`: `stanford_cars/` as torchvision reads it (devkit/, cars_train/, cars_test/, annotations);
+- `inat2018` / `inat2019`: the competition release, `train{YEAR}.json` / `val{YEAR}.json` (COCO-style
+  `images`, `annotations`, `categories`) next to the image folders they reference.
+Nothing is downloaded; a missing or malformed layout is an error naming what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from timm.data import create_transform
+from torchvision import transforms
+
+from core.data import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageFolder, open_rgb
+
+KINDS = ("imagenet", "folder", "cifar10", "cifar100", "flowers102", "cars", "inat2018", "inat2019")
+
+
+def train_transform(cfg, img_size: int):
+    """MAE's fine-tuning augmentation through timm: RandomResizedCrop (bicubic), flip, RandAugment, random
+    erasing; the linear probe uses RandomResizedCrop + flip only."""
+    a = cfg.aug
+    if cfg.task == "linprobe":
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+    return create_transform(
+        input_size=img_size,
+        is_training=True,
+        color_jitter=None,
+        auto_augment=a.auto_augment or None,
+        interpolation="bicubic",
+        re_prob=a.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+def eval_transform(cfg, img_size: int):
+    """Resize to img_size / crop_pct (224/256 up to 224 px, 1.0 above, as MAE) then centre crop."""
+    crop_pct = cfg.aug.eval_crop_pct or (224 / 256 if img_size <= 224 else 1.0)
+    return transforms.Compose(
+        [
+            transforms.Resize(int(img_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(img_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class JsonImages:
+    """COCO-style classification json (iNaturalist): image i -> (PIL image, category id)."""
+
+    def __init__(self, root: Path, json_path: Path):
+        try:
+            d = json.loads(json_path.read_text())
+            labels = {a["image_id"]: a["category_id"] for a in d["annotations"]}
+            self.samples = [(root / im["file_name"], labels[im["id"]]) for im in d["images"]]
+            self.num_classes = len(d["categories"])
+        except FileNotFoundError:
+            raise DataError(f"data.root: {json_path} does not exist (iNaturalist layout)") from None
+        except (KeyError, json.JSONDecodeError) as e:
+            raise DataError(f"{json_path}: not an iNaturalist annotation file ({type(e).__name__}: {e})") from None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return open_rgb(path), label
+
+
+def _torchvision(cls, root: Path, what: str, **kw):
+    try:
+        return cls(str(root), download=False, **kw)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        raise DataError(f"data.root: {root} does not hold the {what} release ({e})") from None
+
+
+def base_datasets(kind: str, root: str | Path, skip_corrupt: bool = False):
+    """(train, val, classes): datasets returning (PIL image, label), before augmentation."""
+    root = Path(root)
+    if kind not in KINDS:
+        raise DataError(f"data.kind: unknown dataset {kind!r}; expected one of {', '.join(KINDS)}")
+    if not root.is_dir():
+        raise DataError(f"data.root: folder {root} does not exist")
+    if kind in ("imagenet", "folder"):
+        train = ImageFolder(root / "train", skip_corrupt=skip_corrupt, what="data.root (train split)")
+        val = ImageFolder(root / "val", skip_corrupt=skip_corrupt, what="data.root (val split)")
+        if train.classes != val.classes:
+            only_t = sorted(set(train.classes) - set(val.classes))[:5]
+            only_v = sorted(set(val.classes) - set(train.classes))[:5]
+            raise DataError(
+                f"{root}: train and val class folders differ ({len(train.classes)} vs {len(val.classes)}); "
+                f"only in train: {only_t}, only in val: {only_v}"
+            )
+        return train, val, train.classes
+    from torchvision import datasets as tvd
+
+    if kind in ("cifar10", "cifar100"):
+        cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
+        train = _torchvision(cls, root, kind, train=True)
+        return train, _torchvision(cls, root, kind, train=False), list(train.classes)
+    if kind == "flowers102":
+        from torch.utils.data import ConcatDataset
+
+        parts = [_torchvision(tvd.Flowers102, root, "Flowers-102", split=s) for s in ("train", "val")]
+        test = _torchvision(tvd.Flowers102, root, "Flowers-102", split="test")
+        return ConcatDataset(parts), test, [str(i) for i in range(102)]
+    if kind == "cars":
+        train = _torchvision(tvd.StanfordCars, root, "Stanford Cars", split="train")
+        return train, _torchvision(tvd.StanfordCars, root, "Stanford Cars", split="test"), list(train.classes)
+    year = kind[-4:]
+    train = JsonImages(root, root / f"train{year}.json")
+    val = JsonImages(root, root / f"val{year}.json")
+    return train, val, [str(i) for i in range(train.num_classes)]
