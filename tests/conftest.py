@@ -41,3 +41,30 @@ def pretrain_config(data_root: Path, out: Path, *overrides: str):
         "log.tensorboard=false",
     ]
     return load_config(REPO / "pretrain" / "configs", "tiny", base + list(overrides))
+
+
+def finetune_config(data_root: Path, out: Path, *overrides: str):
+    """The tiny fine-tuning recipe shrunk: batch 8, two epochs, no workers."""
+    base = [
+        f"data.root={data_root}",
+        f"out={out}",
+        "device=cpu",
+        "data.workers=0",
+        "data.batch_per_gpu=8",
+        "data.eval_batch_per_gpu=8",
+        "optim.global_batch=8",
+        "epochs=2",
+        "optim.warmup_epochs=0.5",
+        "log.tensorboard=false",
+    ]
+    return load_config(REPO / "finetune" / "configs", "tiny", base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tiny_imagenet, tmp_path_factory) -> Path:
+    """A real (micro) dBOT pretraining run's final student checkpoint."""
+    from pretrain.train import run
+
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    run(pretrain_config(tiny_imagenet, out))
+    return out / "checkpoint-stage1-student.pth"
