@@ -131,10 +131,12 @@ def test_command_line_and_safetensors_output(tmp_path, capsys):
     assert "blocks.0.attn.qkv.weight" in sd and "decoder_embed.weight" not in sd
 
 
-def test_this_suites_teacher_entry_of_checkpoint_last(tmp_path):
+def test_the_teacher_inside_checkpoint_last_reads_with_key_target(tmp_path):
     teacher = build_vit("tiny")
-    path = ckpt.save(
-        {"model": {}, "target": {f"teacher.{k}": v for k, v in teacher.state_dict().items()}}, tmp_path / "last.pth"
-    )
-    with pytest.raises(ckpt.CheckpointError, match="not a ViT checkpoint"):
-        convert.read_backbone(path, key="target")
+    state = {"model": {}, "target": {f"teacher.{k}": v for k, v in teacher.state_dict().items()}}
+    path = ckpt.save(state, tmp_path / "last.pth")
+    sd, _ = convert.read_backbone(path, key="target")
+    assert sd.keys() == teacher.state_dict().keys()
+    cnn = ckpt.save({"model": {"conv.weight": torch.ones(1)}}, tmp_path / "cnn.pth")
+    with pytest.raises(ckpt.CheckpointError, match="not a ViT checkpoint in a known layout"):
+        convert.read_backbone(cnn)
