@@ -15,6 +15,8 @@ NODE_RANK   ?= 0
 MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS        ?=
+TO          ?= timm
+OUT         ?=
 TINY        := data/tiny
 PYTEST_ARGS ?=
 
@@ -34,23 +36,24 @@ TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune convert test test-all lint format bench clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
 	@echo
 	@echo "Targets:"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1|\2/' | column -t -s '|'
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "Variables (default):"
-	@echo "  MODEL=$(MODEL)        recipe / size: tiny small base large huge"
-	@echo "  DATA=                 dataset root (ImageNet layout for pretrain); empty = generated tiny data"
-	@echo "  CKPT=                 checkpoint to start a downstream task from"
-	@echo "  RUNS=$(RUNS)          folder for run outputs (<RUNS>/<task>-<MODEL>)"
-	@echo "  NGPUS=$(NGPUS) NNODES=$(NNODES)   processes per node / nodes (>1 launches torchrun)"
-	@echo "  NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)   multi-node rendezvous"
-	@echo "  ARGS=                 extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
-	@echo "  PYTHON=$(PYTHON)      interpreter used to create $(VENV)"
+	@echo "  MODEL=$(MODEL)      recipe of the task: tiny small base large huge (finetune also huge448 linprobe_base ...)"
+	@echo "  DATA=           dataset root in its standard layout; empty = the generated tiny data"
+	@echo "  CKPT=           checkpoint a downstream task starts from; empty = the tiny pretraining run's"
+	@echo "  RUNS=$(RUNS)      folder for run outputs (<RUNS>/<task>-<MODEL>)"
+	@echo "  NGPUS=$(NGPUS) NNODES=$(NNODES) processes per node / nodes (more than one launches torchrun)"
+	@echo "  NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)  multi-node rendezvous"
+	@echo "  ARGS=           extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
+	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmseg mmpretrain backbone) and output file"
+	@echo "  PYTHON=$(PYTHON) interpreter used to create $(VENV)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,11 +71,19 @@ $(TINY)/imagenet/.done: tools/datasets.py | $(VENV)/.installed
 $(TINY_CKPT): | $(VENV)/.installed
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 
-demo: venv ## the whole tiny chain on CPU (so far: pretrain)
-	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1
+demo: venv ## the whole tiny chain on CPU: pretrain -> convert -> finetune
+	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
+	$(MAKE) --no-print-directory convert MODEL=tiny CKPT= TO=timm OUT=$(RUNS)/pretrain-tiny/vit_tiny_dbot_timm.pth
+	$(MAKE) --no-print-directory finetune MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
 
 pretrain: venv $(TINY_DEPS) ## dBOT pretraining (tiny data by default; DATA=imagenet MODEL=base NGPUS=8 ...)
 	$(LAUNCH) pretrain -c $(MODEL) data.root=$(PRETRAIN_DATA) out=$(RUNS)/pretrain-$(MODEL) $(ARGS)
+
+finetune: venv $(TINY_DEPS) $(CKPT_DEPS) ## ImageNet fine-tuning (tiny by default; DATA=imagenet MODEL=base CKPT=...; MODEL=linprobe_base ...)
+	$(LAUNCH) finetune -c $(MODEL) data.root=$(PRETRAIN_DATA) checkpoint=$(START_CKPT) out=$(RUNS)/finetune-$(MODEL) $(ARGS)
+
+convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmseg|mmpretrain|backbone [OUT=...]
+	$(PY) -m tools.convert $(START_CKPT) $(if $(OUT),$(OUT),$(basename $(START_CKPT))-$(TO).pth) --to $(TO) $(if $(filter-out tiny,$(MODEL)),--model $(MODEL),)
 
 test: venv ## lint + the fast test suite (includes one tiny end-to-end run)
 	$(VENV)/bin/ruff check .
