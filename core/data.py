@@ -223,8 +223,13 @@ class ShardedSampler(Sampler):
             yield self.epoch, int(i)
 
 
-def make_loader(dataset, sampler: ShardedSampler, *, workers: int, device: torch.device, drop_last: bool):
-    """The DataLoader every task uses: keys from `sampler`, corrupt samples dropped by `collate_skip`."""
+def make_loader(
+    dataset, sampler: ShardedSampler, *, workers: int, device: torch.device, drop_last: bool, collate_fn=collate_skip
+):
+    """The DataLoader every task uses: keys from `sampler`, corrupt samples dropped by `collate_skip`.
+
+    It has its own generator, so starting an iterator (which draws the workers' base seed) does not consume
+    the global RNG: a run resumed mid-epoch then draws the same random numbers as an uninterrupted one."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -234,6 +239,7 @@ def make_loader(dataset, sampler: ShardedSampler, *, workers: int, device: torch
         num_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
-        collate_fn=collate_skip,
+        collate_fn=collate_fn,
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(sampler.seed),
     )

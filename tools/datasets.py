@@ -7,13 +7,16 @@
 noisy background, and four textures (horizontal stripes, vertical stripes, checkerboard, dots) with
 random period, phase and colours. Image sides are 32-64 px. Everything is a function of the seed.
 
-The drawing primitives (`shape_polygon`, `draw_background`, `texture`) are shared by the COCO- and
-ADE20K-layout generators, which place several shapes per image and keep their polygons as annotations.
+`coco`: `train2017/`, `val2017/`, `annotations/instances_{train,val}2017.json` with four shape categories,
+several objects per image, polygon masks (some uncompressed RLE, some crowd regions).
+
+The drawing primitives (`shape_polygon`, `draw_background`, `texture`) are shared by all generators.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -134,6 +137,125 @@ def make_imagenet(
     return out
 
 
+COCO_CLASSES = ("circle", "square", "triangle", "star")
+
+
+def polygon_area(poly) -> float:
+    xs, ys = np.array(poly[0::2]), np.array(poly[1::2])
+    return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+
+
+def coco_image(rng: np.random.Generator, size_range=(56, 73), max_objects: int = 3):
+    """An image with 1-`max_objects` non-overlapping shapes on a noisy flat background; returns
+    (image, [(class index, polygon [x0, y0, x1, y1, ...])])."""
+    w, h = (int(v) for v in rng.integers(*size_range, size=2))
+    background = np.array(random_colour(rng), dtype=np.float32)
+    pixels = background + rng.normal(0, 10, size=(h, w, 3))
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    objects, placed = [], []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        ci = int(rng.integers(len(COCO_CLASSES)))
+        for _try in range(20):
+            r = float(rng.uniform(8, 0.3 * min(w, h)))
+            cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
+            if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q) ** 2 for x, y, q in placed):
+                break
+        else:
+            continue
+        placed.append((cx, cy, r))
+        pts = shape_polygon(COCO_CLASSES[ci], cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
+        while True:  # a colour that stands out from the background
+            colour = random_colour(rng)
+            if np.abs(np.array(colour) - background).sum() > 150:
+                break
+        draw.polygon(pts, fill=colour)
+        objects.append((ci, [round(c, 2) for xy in pts for c in xy]))
+    return img, objects
+
+
+def make_coco(out: str | Path, seed: int = 0, train_images: int = 400, val_images: int = 100) -> Path:
+    """Tiny COCO-2017-layout set: `train2017/`, `val2017/`, `annotations/instances_{train,val}2017.json`.
+
+    Four shape categories (ids 1-4), several objects per image with polygon masks. For realism a few
+    annotations use the other encodings COCO has: uncompressed RLE for some objects and an `iscrowd=1`
+    annotation (RLE) in some training images."""
+    from pycocotools import mask as mask_utils
+
+    out = Path(out)
+    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(COCO_CLASSES)]
+    for split, n, split_id in (("train", train_images, 0), ("val", val_images, 1)):
+        (out / f"{split}2017").mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for i in range(n):
+            rng = np.random.default_rng([seed, 7, split_id, i])
+            img, objects = coco_image(rng)
+            name = f"{split_id:02d}{i:010d}.jpg"
+            img.save(out / f"{split}2017" / name, quality=92)
+            image_id = split_id * 10**7 + i + 1
+            images.append({"id": image_id, "file_name": name, "width": img.width, "height": img.height})
+            for ci, poly in objects:
+                rles = mask_utils.frPyObjects([poly], img.height, img.width)
+                rle = mask_utils.merge(rles)
+                x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+                ann = {
+                    "id": len(annotations) + 1 + split_id * 10**7,
+                    "image_id": image_id,
+                    "category_id": ci + 1,
+                    "bbox": [x, y, bw, bh],
+                    "area": float(mask_utils.area(rle)),
+                    "iscrowd": 0,
+                    "segmentation": [poly],
+                }
+                if rng.random() < 0.15:  # uncompressed RLE, as some COCO annotations are
+                    m = mask_utils.decode(rle)
+                    ann["segmentation"] = {"size": [img.height, img.width], "counts": _uncompressed_counts(m)}
+                annotations.append(ann)
+            if split == "train" and rng.random() < 0.1:  # a crowd region in the corner
+                m = np.zeros((img.height, img.width), dtype=np.uint8, order="F")
+                m[: img.height // 5, : img.width // 5] = 1
+                crowd = mask_utils.encode(m)
+                crowd["counts"] = crowd["counts"].decode()
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1 + split_id * 10**7,
+                        "image_id": image_id,
+                        "category_id": 1,
+                        "bbox": [float(v) for v in mask_utils.toBbox(crowd)],
+                        "area": float(mask_utils.area(crowd)),
+                        "iscrowd": 1,
+                        "segmentation": crowd,
+                    }
+                )
+        ann_dir = out / "annotations"
+        ann_dir.mkdir(exist_ok=True)
+        (ann_dir / f"instances_{split}2017.json").write_text(
+            json.dumps(
+                {
+                    "info": {"description": "dbot-suite tiny COCO", "version": "1"},
+                    "licenses": [],
+                    "images": images,
+                    "annotations": annotations,
+                    "categories": categories,
+                }
+            )
+        )
+    return out
+
+
+def _uncompressed_counts(m: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE: run lengths of the column-major mask, starting with zeros."""
+    flat = np.asfortranarray(m).flatten(order="F")
+    counts, current, run = [], 0, 0
+    for v in flat:
+        if v != current:
+            counts.append(run)
+            current, run = v, 0
+        run += 1
+    counts.append(run)
+    return [int(c) for c in counts]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.datasets", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="kind", required=True)
@@ -142,12 +264,20 @@ def main(argv=None) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--train-per-class", type=int, default=200)
     a.add_argument("--val-per-class", type=int, default=50)
+    c = sub.add_parser("coco", help="COCO 2017 layout (train2017/, val2017/, annotations/instances_*.json)")
+    c.add_argument("--out", default="data/tiny/coco")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--train-images", type=int, default=400)
+    c.add_argument("--val-images", type=int, default=100)
     args = p.parse_args(argv)
     t0 = time.time()
     if args.kind == "imagenet":
         root = make_imagenet(args.out, args.seed, args.train_per_class, args.val_per_class)
         n = (args.train_per_class + args.val_per_class) * len(IMAGENET_CLASSES)
         print(f"wrote {n} images in {len(IMAGENET_CLASSES)} classes to {root} in {time.time() - t0:.1f}s")
+    elif args.kind == "coco":
+        root = make_coco(args.out, args.seed, args.train_images, args.val_images)
+        print(f"wrote {args.train_images} + {args.val_images} COCO-layout images to {root} in {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":
