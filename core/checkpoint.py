@@ -98,6 +98,22 @@ def resume_path(out_dir: str | os.PathLike, resume: str | None) -> Path | None:
     return path
 
 
+def load_resume(out_dir: str | os.PathLike, resume: str | None, fmt: str):
+    """(path, state) of the checkpoint a run continues from (None, None for a fresh run); the state must have
+    been written by the same task (`meta.format == fmt`)."""
+    path = resume_path(out_dir, resume)
+    if path is None:
+        return None, None
+    state = load(path)
+    found = state.get("meta", {}).get("format") if isinstance(state, dict) else None
+    if found != fmt:
+        raise CheckpointError(
+            f"{path}: written by {found or 'something else'}, not by this task ({fmt}); use another "
+            "out folder or resume=none"
+        )
+    return path, state
+
+
 STATE_KEYS = ("model", "state_dict", "module", "model_ema", "teacher")
 
 

@@ -243,3 +243,12 @@ def make_loader(
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(sampler.seed),
     )
+
+
+def train_eval_samplers(n_train: int, n_eval: int, batch: int, eval_batch: int, env, seed: int):
+    """The training sampler (shuffled, equal batches on every rank) and the evaluation one (every item once)."""
+    train = ShardedSampler(n_train, batch, rank=env.rank, world=env.world_size, seed=seed)
+    evaluation = ShardedSampler(
+        n_eval, eval_batch, rank=env.rank, world=env.world_size, shuffle=False, drop_last=False, pad=False
+    )
+    return train, evaluation

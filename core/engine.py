@@ -178,3 +178,23 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed the global RNGs (drop path, dropout); rank-offset so replicas draw different masks."""
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
+
+
+def run_distributed(main, cfg):
+    """Set up this process (torchrun / SLURM / single), run `main(cfg, env)`, always tear down."""
+    env = dist.init(cfg.device)
+    try:
+        return main(cfg, env)
+    finally:
+        dist.shutdown()
+
+
+def accumulation_steps(global_batch: int, batch_per_gpu: int, world_size: int) -> int:
+    """Micro-batches per optimizer step so that batch_per_gpu x processes x steps = global_batch."""
+    per_step = batch_per_gpu * world_size
+    if global_batch % per_step:
+        raise ValueError(
+            f"optim.global_batch={global_batch} is not a multiple of data.batch_per_gpu x processes "
+            f"= {batch_per_gpu} x {world_size}"
+        )
+    return global_batch // per_step

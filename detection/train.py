@@ -18,7 +18,7 @@ from torch import nn
 from core import checkpoint as ckpt
 from core import dist, engine
 from core.config import ConfigError, save_config, to_dict
-from core.data import DataError, ShardedSampler, make_loader
+from core.data import DataError, make_loader, train_eval_samplers
 from core.monitor import RunLogger, file_sha256, write_results
 from core.optim import param_groups, warmup_step
 from detection.data import CocoInstances, collate
@@ -65,22 +65,15 @@ def micro_batches(loader, sampler, start: int):
 
 
 def run(cfg: DictConfig) -> dict:
-    env = dist.init(cfg.device)
-    try:
-        return _run(cfg, env)
-    finally:
-        dist.shutdown()
+    return engine.run_distributed(_run, cfg)
 
 
 def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     o, device, out = cfg.optim, env.device, Path(cfg.out)
-    per_step = cfg.data.batch_per_gpu * env.world_size
-    if o.global_batch % per_step:
-        raise ConfigError(
-            f"optim.global_batch={o.global_batch} is not a multiple of data.batch_per_gpu x processes "
-            f"= {cfg.data.batch_per_gpu} x {env.world_size}"
-        )
-    accum = o.global_batch // per_step
+    try:
+        accum = engine.accumulation_steps(o.global_batch, cfg.data.batch_per_gpu, env.world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if list(o.steps) != sorted(o.steps) or (o.steps and o.steps[-1] >= o.iters):
         raise ConfigError(f"optim.steps {list(o.steps)} must increase and stay below optim.iters={o.iters}")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
@@ -101,10 +94,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     if train_set.categories != val_set.categories:
         raise ConfigError(f"{cfg.data.root}: train and val annotation files list different categories")
     engine.seed_everything(cfg.seed, env.rank)
-    resume_path = ckpt.resume_path(out, cfg.resume)
-    state = ckpt.load(resume_path) if resume_path else None
-    if state and state.get("meta", {}).get("format") != FORMAT:
-        raise ckpt.CheckpointError(f"{resume_path}: not a COCO checkpoint of this suite; use resume=none")
+    _, state = ckpt.load_resume(out, cfg.resume, FORMAT)
 
     model = build_detector(cfg, train_set.num_classes)
     report = load_pretrained(model, cfg.checkpoint) if cfg.checkpoint is not None and state is None else None
@@ -114,17 +104,8 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     stepper = engine.Stepper(
         ddp_model, build_optimizer(cfg, model), schedule, amp=amp, clip_grad=o.clip_grad, accum=accum, device=device
     )
-    train_sampler = ShardedSampler(
-        len(train_set), cfg.data.batch_per_gpu, rank=env.rank, world=env.world_size, seed=cfg.seed
-    )
-    val_sampler = ShardedSampler(
-        len(val_set),
-        cfg.data.eval_batch_per_gpu,
-        rank=env.rank,
-        world=env.world_size,
-        shuffle=False,
-        drop_last=False,
-        pad=False,
+    train_sampler, val_sampler = train_eval_samplers(
+        len(train_set), len(val_set), cfg.data.batch_per_gpu, cfg.data.eval_batch_per_gpu, env, cfg.seed
     )
     if train_sampler.batches_per_epoch == 0:
         raise ConfigError(f"data: {len(train_set)} training images give no batch of {cfg.data.batch_per_gpu}")

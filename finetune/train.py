@@ -21,7 +21,7 @@ from timm.optim import Lars
 from core import checkpoint as ckpt
 from core import dist, engine
 from core.config import ConfigError, save_config, to_dict
-from core.data import Augmented, DataError, ShardedSampler, make_loader, sample_seed, seeded
+from core.data import Augmented, DataError, make_loader, sample_seed, seeded, train_eval_samplers
 from core.monitor import RunLogger, file_sha256, write_results
 from core.optim import param_groups, warmup_cosine
 from finetune.data import base_datasets, eval_transform, train_transform
@@ -36,22 +36,17 @@ def check(cfg: DictConfig, env: dist.DistEnv) -> dict:
     """Derived settings, each problem reported with its option before any compute."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS}, got {cfg.task!r}")
-    per_step = cfg.data.batch_per_gpu * env.world_size
-    if cfg.optim.global_batch % per_step:
-        raise ConfigError(
-            f"optim.global_batch={cfg.optim.global_batch} is not a multiple of data.batch_per_gpu x processes "
-            f"= {cfg.data.batch_per_gpu} x {env.world_size}"
-        )
     if cfg.optim.name not in ("adamw", "lars"):
         raise ConfigError(f"optim.name must be adamw or lars, got {cfg.optim.name!r}")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")
     try:
         amp = engine.resolve_amp(cfg.amp, env.device)
+        accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.optim.global_batch / 256
-    return {"accum": cfg.optim.global_batch // per_step, "lr": lr, "amp": amp}
+    return {"accum": accum, "lr": lr, "amp": amp}
 
 
 def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
@@ -75,21 +70,14 @@ def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
 
 
 def run(cfg: DictConfig) -> dict:
-    env = dist.init(cfg.device)
-    try:
-        return _run(cfg, env)
-    finally:
-        dist.shutdown()
+    return engine.run_distributed(_run, cfg)
 
 
 def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     plan = check(cfg, env)
     device, out = env.device, Path(cfg.out)
     engine.seed_everything(cfg.seed, env.rank)
-    resume_path = ckpt.resume_path(out, cfg.resume)
-    state = ckpt.load(resume_path) if resume_path else None
-    if state and state.get("meta", {}).get("format") != FORMAT:
-        raise ckpt.CheckpointError(f"{resume_path}: not a fine-tuning checkpoint of this suite; use resume=none")
+    _, state = ckpt.load_resume(out, cfg.resume, FORMAT)
 
     # ---- data
     try:
@@ -103,17 +91,8 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     img_size = model.patch_embed.img_size[0]
     train_set = Augmented(train_base, train_transform(cfg, img_size), seed=cfg.seed)
     val_set = Augmented(val_base, eval_transform(cfg, img_size), seed=cfg.seed)
-    train_sampler = ShardedSampler(
-        len(train_set), cfg.data.batch_per_gpu, rank=env.rank, world=env.world_size, seed=cfg.seed
-    )
-    val_sampler = ShardedSampler(
-        len(val_set),
-        cfg.data.eval_batch_per_gpu,
-        rank=env.rank,
-        world=env.world_size,
-        shuffle=False,
-        drop_last=False,
-        pad=False,
+    train_sampler, val_sampler = train_eval_samplers(
+        len(train_set), len(val_set), cfg.data.batch_per_gpu, cfg.data.eval_batch_per_gpu, env, cfg.seed
     )
     batches = train_sampler.batches_per_epoch
     if batches == 0:

@@ -87,13 +87,10 @@ class Plan:
                 f"{self.arch['patch_size']}; the teacher must give one token per student patch"
             )
         # batch and accumulation
-        per_step = cfg.data.batch_per_gpu * env.world_size
-        if cfg.optim.global_batch % per_step:
-            raise ConfigError(
-                f"optim.global_batch={cfg.optim.global_batch} is not a multiple of data.batch_per_gpu x processes "
-                f"= {cfg.data.batch_per_gpu} x {env.world_size}"
-            )
-        self.accum = cfg.optim.global_batch // per_step
+        try:
+            self.accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.optim.global_batch / 256
         # data
         self.train_root = Path(cfg.data.root) / "train"
@@ -319,11 +316,7 @@ def check_resume(path: Path, state: dict, plan: Plan) -> None:
 
 # ---------------------------------------------------------------------------------------------- training
 def run(cfg: DictConfig) -> dict:
-    env = dist.init(cfg.device)
-    try:
-        return _run(cfg, env)
-    finally:
-        dist.shutdown()
+    return engine.run_distributed(_run, cfg)
 
 
 def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:

@@ -23,23 +23,24 @@ def tiny_imagenet(tmp_path_factory) -> Path:
     return make_imagenet(root, seed=0, train_per_class=8, val_per_class=4, classes=IMAGENET_CLASSES[:4])
 
 
+# the tiny pretraining recipe shrunk further: 32 images, batch 8, one-epoch stages, no workers
+PRETRAIN_MICRO = [
+    "device=cpu",
+    "data.workers=0",
+    "data.batch_per_gpu=8",
+    "optim.global_batch=8",
+    "optim.lr=2e-3",
+    "optim.warmup_epochs=0.5",
+    "stages.epochs=[0,1,2]",
+    "model.decoder.depth=1",
+    "log.every=1",
+    "log.save_every_epochs=1",
+    "log.tensorboard=false",
+]
+
+
 def pretrain_config(data_root: Path, out: Path, *overrides: str):
-    """The tiny recipe shrunk further: 32 images, batch 8, one-epoch stages, no workers."""
-    base = [
-        f"data.root={data_root}",
-        f"out={out}",
-        "device=cpu",
-        "data.workers=0",
-        "data.batch_per_gpu=8",
-        "optim.global_batch=8",
-        "optim.lr=2e-3",
-        "optim.warmup_epochs=0.5",
-        "stages.epochs=[0,1,2]",
-        "model.decoder.depth=1",
-        "log.every=1",
-        "log.save_every_epochs=1",
-        "log.tensorboard=false",
-    ]
+    base = [f"data.root={data_root}", f"out={out}", *PRETRAIN_MICRO]
     return load_config(REPO / "pretrain" / "configs", "tiny", base + list(overrides))
 
 

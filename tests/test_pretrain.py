@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, pretrain_config
+from conftest import PRETRAIN_MICRO, REPO, pretrain_config
 
 from core import checkpoint as ckpt
 from core.config import ConfigError
@@ -124,20 +124,7 @@ def test_loader_workers_do_not_change_the_result(tiny_imagenet, tmp_path):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_imagenet, tmp_path):
-    common = [
-        f"data.root={tiny_imagenet}",
-        "device=cpu",
-        "data.workers=0",
-        "data.batch_per_gpu=8",
-        "optim.global_batch=8",
-        "optim.lr=2e-3",
-        "optim.warmup_epochs=0.5",
-        "stages.epochs=[0,3,6]",
-        "model.decoder.depth=1",
-        "log.every=1",
-        "log.save_every_epochs=1",
-        "log.tensorboard=false",
-    ]
+    common = [f"data.root={tiny_imagenet}", *PRETRAIN_MICRO, "stages.epochs=[0,3,6]"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
     cmd = [sys.executable, "-m", "pretrain", "-c", "tiny", *common]
     killed = tmp_path / "killed"

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import PRETRAIN_MICRO
 
 from pretrain import study
 
@@ -28,16 +29,7 @@ def test_target_specs():
 
 
 def test_tiny_study_runs_every_target_through_every_stage(tiny_imagenet, tmp_path):
-    common = [
-        "device=cpu",
-        "data.workers=0",
-        "data.batch_per_gpu=8",
-        "optim.global_batch=8",
-        "optim.lr=2e-3",
-        "optim.warmup_epochs=0.5",
-        "model.decoder.depth=1",
-        "log.tensorboard=false",
-    ]
+    common = [o for o in PRETRAIN_MICRO if not o.startswith("stages.")]
     summary = study.run_study(
         study.argparse.Namespace(
             data=str(tiny_imagenet),
