@@ -18,6 +18,7 @@ ARGS        ?=
 TO          ?= timm
 OUT         ?=
 TINY        := data/tiny
+LABELS      ?=
 PYTEST_ARGS ?=
 
 # One process: plain python. Several: torchrun (same command on every node, with NODE_RANK set per node).
@@ -36,7 +37,7 @@ TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain finetune convert test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune convert table analysis test test-all lint format bench clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
@@ -53,6 +54,7 @@ help: ## this list
 	@echo "  NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)  multi-node rendezvous"
 	@echo "  ARGS=           extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
 	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmseg mmpretrain backbone) and output file"
+	@echo "  LABELS=         table: YAML naming the rows of checkpoints not made here (see README)"
 	@echo "  PYTHON=$(PYTHON) interpreter used to create $(VENV)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -84,6 +86,15 @@ finetune: venv $(TINY_DEPS) $(CKPT_DEPS) ## ImageNet fine-tuning (tiny by defaul
 
 convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmseg|mmpretrain|backbone [OUT=...]
 	$(PY) -m tools.convert $(START_CKPT) $(if $(OUT),$(OUT),$(basename $(START_CKPT))-$(TO).pth) --to $(TO) $(if $(filter-out tiny,$(MODEL)),--model $(MODEL),)
+
+table: venv ## results table from every results.json under RUNS (Markdown printed; LaTeX, CSV, PNG in RUNS/table)
+	$(PY) -m tools.table --runs $(RUNS) $(if $(LABELS),--labels $(LABELS),) $(ARGS)
+
+# analysis: the images of DATA (any folder, e.g. /imagenet/val); several checkpoints: CKPT="a.pth name=b.pth"
+ANALYSIS_DATA = $(if $(DATA),$(DATA),$(TINY)/imagenet/val)
+
+analysis: venv $(TINY_DEPS) $(CKPT_DEPS) ## attention distance + singular values: make analysis CKPT="a.pth mae=b.pth" DATA=/imagenet/val
+	$(PY) -m tools.analysis $(START_CKPT) --data $(ANALYSIS_DATA) --out $(if $(OUT),$(OUT),$(RUNS)/analysis) $(ARGS)
 
 test: venv ## lint + the fast test suite (includes one tiny end-to-end run)
 	$(VENV)/bin/ruff check .

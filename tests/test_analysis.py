@@ -203,3 +203,38 @@ def test_img_size_resizes_the_position_embedding(tmp_path):
     ckpt.save(tiny_model().state_dict(), p)
     model, desc = analysis.load_model(p, img_size=48)
     assert model.grid_size == (12, 12) and "pos_embed" in desc["load"]
+
+
+def test_uniform_attention_on_vit_b_matches_the_authors_random_teacher():
+    # ViT-B/16 at 224 (cls + 14 x 14): a head attending uniformly sits at 115.9 px, the level of every head of
+    # the random teacher ("random-0th") in the authors' attention-distance figure (.github/avd.png, ~115)
+    assert analysis.uniform_attention_distance((14, 14), 16) == pytest.approx(115.90, abs=0.01)
+    probs = torch.full((1, 1, 197, 197), 1 / 197)
+    direct = analysis.mean_attention_distance(probs, analysis.distance_matrix((14, 14), 16)).item()
+    assert direct == pytest.approx(analysis.uniform_attention_distance((14, 14), 16))
+
+
+def test_replot_merges_earlier_results(tmp_path):
+    model = {
+        "name": "a",
+        "attention_distance": [[1.0, 2.0], [3.0, 4.0]],
+        "attention_distance_mean": [1.5, 3.5],
+        "svd_topk_fraction": [[0.5, 0.7], [0.4, 0.6]],
+        "grid": [2, 2],
+        "patch_size": 16,
+    }
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"data": name, "models": [{**model, "name": name}]}))
+    assert (
+        analysis.main(
+            ["--from-json", str(tmp_path / "one.json"), str(tmp_path / "two.json"), "--out", str(tmp_path / "o")]
+        )
+        == 0
+    )
+    merged = json.loads((tmp_path / "o" / "analysis.json").read_text())
+    assert [m["name"] for m in merged["models"]] == ["one", "two"] and merged["data"] == ["one", "two"]
+    assert (tmp_path / "o" / "attention_distance.png").stat().st_size > 0
+    (tmp_path / "bad.json").write_text("{}")
+    assert analysis.main(["--from-json", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(SystemExit):
+        analysis.main(["x.pth"])  # no --data

@@ -18,7 +18,8 @@ attention is a fused kernel that never forms them) while the model runs its ordi
 first batch they are checked to reproduce every block's attention output.
 
 Writes `analysis.json` (raw numbers), `attention_distance.png` and `singular_values.png` (one panel per
-model, like the authors' figures, plus a panel with all models overlaid).
+model, like the authors' figures, plus a panel with all models overlaid). `--from-json A.json B.json`
+merges earlier results into one figure without computing anything.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def mean_attention_distance(probs: torch.Tensor, dist: torch.Tensor, num_prefix:
     with `num_prefix` leading non-patch tokens, whose rows and columns are dropped. Returns `[B, H]`."""
     a = probs[..., num_prefix:, num_prefix:].double()
     return torch.einsum("bhqk,qk->bhq", a, dist.to(a.device)).mean(-1)
+
+
+def uniform_attention_distance(grid: tuple[int, int], patch_size: int, num_prefix: int = 1) -> float:
+    """The attention distance of a head attending uniformly to all tokens (a random network's level)."""
+    n = num_prefix + grid[0] * grid[1]
+    probs = torch.full((1, 1, n, n), 1.0 / n)
+    return mean_attention_distance(probs, distance_matrix(grid, patch_size), num_prefix).item()
 
 
 def topk_singular_fraction(tokens: torch.Tensor, k: int = TOPK) -> torch.Tensor:
@@ -224,6 +232,9 @@ class Probe:
             "attention_distance": dist.tolist(),  # [block][head], pixels
             "attention_distance_mean": dist.mean(1).tolist(),  # [block]
             "svd_topk_fraction": svd.tolist(),  # [block][k-1], fraction of the sum of singular values
+            "uniform_attention_distance": uniform_attention_distance(
+                self.model.grid_size, self.model.patch_size, self.prefix
+            ),
             "max_relative_attention_error": self.max_error,
         }
 
@@ -315,13 +326,20 @@ def _grid(n: int, per_row: int = 5):
 
 def plot_attention_distance(models: list[dict], path: str | Path) -> Path:
     """One panel per model (x: block, one dot per head, coloured by block), plus all models' head means."""
+    for m in models:  # results written before the field existed
+        if "uniform_attention_distance" not in m and "grid" in m and "patch_size" in m:
+            m["uniform_attention_distance"] = uniform_attention_distance(tuple(m["grid"]), m["patch_size"])
     panels = len(models) + (len(models) > 1)
     plt, fig, axes = _grid(panels)
-    top = max(max(max(h) for h in m["attention_distance"]) for m in models) * 1.1 or 1.0
+    top = max(max(max(max(h) for h in m["attention_distance"]), m.get("uniform_attention_distance", 0)) for m in models)
+    top = top * 1.1 or 1.0
     cmap = plt.get_cmap("tab10")
     for ax, m in zip(axes, models):
         for b, heads in enumerate(m["attention_distance"]):
             ax.scatter([b] * len(heads), heads, s=14, color=cmap(b % 10))
+        if "uniform_attention_distance" in m:
+            ax.axhline(m["uniform_attention_distance"], color="0.5", ls=":", lw=1, label="uniform attention")
+            ax.legend(fontsize=6, loc="lower right")
         ax.set_title(m["name"], fontsize=9)
     if len(models) > 1:
         ax = axes[-1]
@@ -355,9 +373,9 @@ def plot_singular_values(models: list[dict], path: str | Path) -> Path:
         ax = axes[-1]
         for j, m in enumerate(models):
             svd = torch.tensor(m["svd_topk_fraction"])
-            ax.plot(svd[:, 0].tolist(), color=cmap(j % 10), label=f"{m['name']} top-1")
-            ax.plot(svd[:, -1].tolist(), color=cmap(j % 10), ls="--", label=f"top-{svd.shape[1]}")
-        ax.set_title("all models", fontsize=9)
+            ax.plot(svd[:, 0].tolist(), color=cmap(j % 10), label=m["name"])
+            ax.plot(svd[:, -1].tolist(), color=cmap(j % 10), ls="--")
+        ax.set_title(f"all models: top-1 (solid), top-{len(models[0]['svd_topk_fraction'][0])} (dashed)", fontsize=9)
         ax.legend(fontsize=6)
     for ax in axes:
         ax.set_ylim(0, 1)
@@ -454,10 +472,32 @@ def run(
     return result
 
 
+def replot(jsons: list[str | os.PathLike], out: str | os.PathLike) -> dict:
+    """Merge the models of earlier `analysis.json` files (e.g. analysed on different machines) into one
+    JSON and one pair of figures, without computing anything."""
+    docs = []
+    for j in jsons:
+        try:
+            docs.append(json.loads(Path(j).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--from-json {j}: cannot read ({type(e).__name__}: {e})") from None
+        if not isinstance(docs[-1], dict) or not docs[-1].get("models"):
+            raise ValueError(f"--from-json {j}: not an analysis.json (no 'models')")
+    merged = {**docs[0], "data": [d.get("data") for d in docs], "models": [m for d in docs for m in d["models"]]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps(merged, indent=2) + "\n")
+    plot_attention_distance(merged["models"], out / "attention_distance.png")
+    plot_singular_values(merged["models"], out / "singular_values.png")
+    print(f"wrote {out / 'analysis.json'} ({len(merged['models'])} models) and the figures")
+    return merged
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.analysis", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files, optionally NAME=PATH")
-    p.add_argument("--data", required=True, help="image folder (searched recursively), e.g. ImageNet val")
+    p.add_argument("checkpoints", nargs="*", help="checkpoint files, optionally NAME=PATH")
+    p.add_argument("--data", help="image folder (searched recursively), e.g. ImageNet val")
+    p.add_argument("--from-json", nargs="+", default=None, help="replot the models of earlier analysis.json files")
     p.add_argument("--out", default="runs/analysis")
     p.add_argument("--max-images", type=int, default=None, help="evenly spaced subset of the images")
     p.add_argument("--batch-size", type=int, default=64)
@@ -467,7 +507,15 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    if a.from_json:
+        if a.checkpoints:
+            p.error("give checkpoints (with --data) or --from-json, not both")
+    elif not a.checkpoints or not a.data:
+        p.error("give one or more checkpoints and --data (or --from-json)")
     try:
+        if a.from_json:
+            replot(a.from_json, a.out)
+            return 0
         run(
             a.checkpoints,
             a.data,
