@@ -140,6 +140,7 @@ def test_table_from_fixture_runs(runs):
         "46.10", "-", "-",
         "49.90", "49.5", "+0.40",
     ]  # fmt: skip
+    assert "†" not in table.to_markdown(t)  # no duplicates, no marker
     # published rows without runs are kept, all of ours dashes
     assert md_line(t, "ViT-L/16", "pixels")[3:6] == ["-", "85.9", "-"]
 
@@ -188,6 +189,7 @@ def test_duplicates_newest_shown_with_note_or_all(runs):
     b = row(t, "ViT-B/16", "ViT-B (bootstrapped)")
     assert [c.value for c in b.cells["in1k"]] == [84.55, 84.31, 83.9]  # newest first, none merged
     assert md_line(t, "ViT-B/16", "ViT-B (bootstrapped)")[3:6] == ["84.55†", "84.5", "+0.05"]
+    assert "† = several runs claim the cell" in table.to_markdown(t)
     note = next(n for n in t.notes if "3 runs claim" in n)
     assert all(s in note for s in ("84.55", "84.31", "83.90", "finetune-base-rerun", "finetune-base-old"))
     prov = [p for p in table.provenance_rows(t) if p["column"] == "IN-1K top-1" and p["student"] == "ViT-B/16"]
@@ -246,6 +248,7 @@ def test_448_run_follows_the_fine_tuned_checkpoint_to_pretraining(runs):
     assert md_line(t, "ViT-H/14 @448", "ViT-H (bootstrapped)")[3:6] == ["88.20", "88.0", "+0.20"]
     c = row(t, "ViT-H/14 @448", "ViT-H (bootstrapped)").cells["in1k"][0]
     assert "via" in c.origin.how and c.origin.pretrain_folder == runs / "pretrain-huge"
+    assert c.provenance()["config"] == str(runs / "finetune-huge448" / "config.yaml")
 
 
 def test_mae_baseline_row_and_symmetric_student(runs):

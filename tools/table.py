@@ -171,9 +171,9 @@ class Cell:
 
     def provenance(self) -> dict:
         d = self.run.data
-        config = d.get("config")
-        if not config and (self.run.folder / "config.yaml").is_file():
-            config = str(self.run.folder / "config.yaml")
+        config = (
+            str(self.run.folder / "config.yaml") if (self.run.folder / "config.yaml").is_file() else d.get("config")
+        )
         return {
             "run": str(self.run.folder),
             "results": str(self.run.path),
@@ -391,10 +391,14 @@ class Resolver:
         under the runs folder (runs copied from another machine). A file whose sha256 contradicts the
         recorded one is not used."""
         p = Path(written).expanduser()
-        candidates = [p] if p.is_absolute() else [self.runs_dir.parent / p, p, run.folder / p, self.runs_dir / p]
-        if len(p.parts) >= 2:
-            candidates += sorted(self.runs_dir.rglob(f"{p.parent.name}/{p.name}"))
-        for c in candidates:
+        direct = [p] if p.is_absolute() else [self.runs_dir.parent / p, p, run.folder / p, self.runs_dir / p]
+
+        def candidates():
+            yield from direct
+            if len(p.parts) >= 2 and not any(c.is_file() for c in direct):
+                yield from sorted(self.runs_dir.rglob(f"{p.parent.name}/{p.name}"))
+
+        for c in candidates():
             if c.is_file():
                 if sha and sha[:16].lower() != self.sha(c)[:16]:
                     self.warnings.append(
@@ -506,11 +510,17 @@ class Resolver:
             return ""
         img = run.data.get("img_size")
         if img is None:
-            cfg_path = run.data.get("config") or run.folder / "config.yaml"
-            cfg = read_yaml(Path(cfg_path)) or read_yaml(run.folder / "config.yaml")
-            img = dig(cfg or {}, "model.img_size")
+            img = dig(run_config(run) or {}, "model.img_size")
         base = presets().get(size, {}).get("img_size")
         return f" @{int(img)}" if img and base and int(img) != base else ""
+
+
+def run_config(run: Run) -> dict | None:
+    """The run's resolved config: its folder's config.yaml, else the path its results.json names."""
+    own = read_yaml(run.folder / "config.yaml")
+    if own is not None or not run.data.get("config"):
+        return own
+    return read_yaml(Path(run.data["config"]))
 
 
 def read_yaml(path: Path) -> dict | None:
@@ -727,15 +737,14 @@ def to_markdown(table: Table, full: bool = True) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
     cols = header(table)
+    marked = table.duplicates == "newest" and any(len(c) > 1 for r in table.rows for c in r.cells.values())
     lines = ["# Results", "", line(cols), "|" + "---|" * len(cols)]
     lines += [line(b) for b in body(table)]
     lines += [
         "",
         "Ours: this suite's runs (percent); paper: published (`tools/published.yaml`); Δ = ours - paper; "
         f"{DASH} = no run / not published."
-        + (
-            " † = several runs claim the cell, the newest is shown (see notes)." if table.duplicates == "newest" else ""
-        ),
+        + (" † = several runs claim the cell, the newest is shown." if marked else ""),
     ]
     if table.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in table.notes]
