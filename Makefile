@@ -18,6 +18,7 @@ ARGS        ?=
 TO          ?= timm
 OUT         ?=
 TINY        := data/tiny
+LABELS      ?=
 PYTEST_ARGS ?=
 
 # One process: plain python. Several: torchrun (same command on every node, with NODE_RANK set per node).
@@ -36,7 +37,7 @@ TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain finetune coco convert test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune coco convert table analysis test test-all lint format bench clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
@@ -53,6 +54,7 @@ help: ## this list
 	@echo "  NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)  multi-node rendezvous"
 	@echo "  ARGS=           extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
 	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmseg mmpretrain backbone) and output file"
+	@echo "  LABELS=         table: YAML naming the rows of checkpoints not made here (see README)"
 	@echo "  PYTHON=$(PYTHON) interpreter used to create $(VENV)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -71,11 +73,12 @@ $(TINY)/imagenet/.done: tools/datasets.py | $(VENV)/.installed
 $(TINY_CKPT): | $(VENV)/.installed
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 
-demo: venv ## the whole tiny chain on CPU: pretrain -> convert -> finetune -> coco
+demo: venv ## the whole tiny chain on CPU: pretrain -> convert -> finetune -> coco -> table
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory convert MODEL=tiny CKPT= TO=timm OUT=$(RUNS)/pretrain-tiny/vit_tiny_dbot_timm.pth
 	$(MAKE) --no-print-directory finetune MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory coco MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
+	$(MAKE) --no-print-directory table RUNS=$(RUNS) ARGS=
 
 pretrain: venv $(TINY_DEPS) ## dBOT pretraining (tiny data by default; DATA=imagenet MODEL=base NGPUS=8 ...)
 	$(LAUNCH) pretrain -c $(MODEL) data.root=$(PRETRAIN_DATA) out=$(RUNS)/pretrain-$(MODEL) $(ARGS)
@@ -93,6 +96,15 @@ coco: venv $(if $(DATA),,$(TINY)/coco/.done) $(CKPT_DEPS) ## COCO Mask R-CNN (Vi
 
 convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmseg|mmpretrain|backbone [OUT=...]
 	$(PY) -m tools.convert $(START_CKPT) $(if $(OUT),$(OUT),$(basename $(START_CKPT))-$(TO).pth) --to $(TO) $(if $(filter-out tiny,$(MODEL)),--model $(MODEL),)
+
+table: venv ## results table from every results.json under RUNS (Markdown printed; LaTeX, CSV, PNG in RUNS/table)
+	$(PY) -m tools.table --runs $(RUNS) $(if $(LABELS),--labels $(LABELS),) $(ARGS)
+
+# analysis: the images of DATA (any folder, e.g. /imagenet/val); several checkpoints: CKPT="a.pth name=b.pth"
+ANALYSIS_DATA = $(if $(DATA),$(DATA),$(TINY)/imagenet/val)
+
+analysis: venv $(TINY_DEPS) $(CKPT_DEPS) ## attention distance + singular values: make analysis CKPT="a.pth mae=b.pth" DATA=/imagenet/val
+	$(PY) -m tools.analysis $(START_CKPT) --data $(ANALYSIS_DATA) --out $(if $(OUT),$(OUT),$(RUNS)/analysis) $(ARGS)
 
 test: venv ## lint + the fast test suite (includes one tiny end-to-end run)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,349 @@
+"""Results table from fixture results files: rows found through checkpoints, published numbers and
+differences, missing cells, duplicates, malformed files, external checkpoints, provenance and outputs."""
+
+import csv
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.monitor import file_sha256
+from tools import table
+
+DBOT_CFG = {
+    "model": {"kind": "mae", "size": "base"},
+    "target": {"kind": "teacher", "pixels": {"norm_pix": True}, "timm": {"name": None}},
+    "teacher": {"init_depth": None, "seed": None, "checkpoint": None, "size": None, "bootstrap": True},
+    "stages": {"epochs": [0, 800, 1600]},
+}
+
+
+def cfg(**over) -> dict:
+    """DBOT_CFG with dotted overrides ("teacher.size": "large")."""
+    c = json.loads(json.dumps(DBOT_CFG))
+    for k, v in over.items():
+        node = c
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return c
+
+
+def pretrain_run(runs, name, config, stages=2, **fields):
+    """A pretraining run folder: config.yaml, stage checkpoints (small files), results.json."""
+    folder = runs / name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    ckpts = {}
+    for s in range(stages):
+        (folder / f"checkpoint-stage{s}-student.pth").write_bytes(f"{name} student {s}".encode())
+        ckpts[f"stage{s}_student"] = f"runs/{name}/checkpoint-stage{s}-student.pth"
+    res = {
+        "task": "pretrain",
+        "model": config["model"]["size"],
+        "checkpoint": f"runs/{name}/checkpoint-stage{stages - 1}-student.pth",
+        "checkpoints": ckpts,
+        "git_commit": "p" * 40,
+        "finished_at": "2026-01-01T00:00:00+0000",
+        **fields,
+    }
+    (folder / "results.json").write_text(json.dumps(res))
+    return folder
+
+
+def downstream(runs, name, task, checkpoint, finished="2026-01-02T00:00:00+0000", config=None, **fields):
+    folder = runs / name
+    folder.mkdir(parents=True)
+    if config is not None:
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    res = {"task": task, "checkpoint": checkpoint, "git_commit": "d" * 40, "finished_at": finished, **fields}
+    (folder / "results.json").write_text(json.dumps(res))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """runs/ as the suite writes it: paths in results.json are relative to the folder above runs/."""
+    r = tmp_path / "runs"
+    pretrain_run(r, "pretrain-base", cfg())
+    ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
+    downstream(r, "finetune-base", "finetune", ck, model="base", top1=84.31, top5=96.9)
+    downstream(r, "coco-base", "coco", ck, model="base", bbox={"AP": 52.0, "AP50": 70.0}, segm={"AP": 46.1})
+    downstream(r, "ade20k-base", "ade20k", ck, model="base", mIoU=49.9, mAcc=60.0, aAcc=83.0)
+    pretrain_run(r, "pretrain-tiny", cfg(**{"model.size": "tiny"}, **{"stages.epochs": [0, 6, 12]}))
+    downstream(
+        r, "finetune-tiny", "finetune", "runs/pretrain-tiny/checkpoint-stage1-student.pth", model="tiny", top1=61.2
+    )
+    return r
+
+
+def row(t: table.Table, student: str, teacher: str) -> table.Row:
+    matches = [r for r in t.rows if (r.setting.student, r.setting.teacher) == (student, teacher)]
+    assert len(matches) == 1, [r.setting for r in t.rows]
+    return matches[0]
+
+
+def md_line(t: table.Table, student: str, teacher: str) -> list[str]:
+    for line in table.to_markdown(t).splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:2] == [student, teacher]:
+            return cells
+    raise AssertionError(f"no markdown row {student} / {teacher}")
+
+
+# ----------------------------------------------------------------------------------------------- labels
+@pytest.mark.parametrize(
+    "over, stage, expected",
+    [
+        ({}, 1, "ViT-B (bootstrapped)"),  # dBOT: random teacher, one bootstrapped stage
+        ({}, 0, "random ViT-B"),
+        ({}, 2, "ViT-B (bootstrapped x2)"),
+        ({"model.size": "large", "teacher.init_depth": 0}, 1, "ViT-L (bootstrapped)"),
+        ({"teacher.checkpoint": "/w/dbot_large.pth", "teacher.size": "large"}, 0, "ViT-L"),
+        ({"teacher.checkpoint": "/w/h.pth", "teacher.size": "huge"}, 1, "ViT-H + bootstrapped"),
+        ({"target.kind": "pixels", "teacher.bootstrap": False}, 0, "pixels"),
+        ({"target.kind": "pixels", "target.pixels.norm_pix": False}, 0, "pixels (raw)"),
+        ({"target.kind": "hog"}, 2, "HOG + bootstrapped x2"),
+        ({"target.kind": "ema", "teacher.bootstrap": False}, 1, "EMA"),
+        ({"target.kind": "timm", "target.timm.name": "vit_base_patch16_clip_224.openai"}, 0, "CLIP-B/16"),
+        ({"target.kind": "timm", "target.timm.name": "vit_large_patch14_clip_224.openai"}, 0, "CLIP-L/14"),
+        ({"target.kind": "timm", "target.timm.name": "vit_small_patch16_224.dino"}, 0, "vit_small_patch16_224.dino"),
+    ],
+)
+def test_teacher_labels(over, stage, expected):
+    assert table.teacher_label(cfg(**over), stage) == expected
+
+
+def test_student_names():
+    assert table.vit_name("base") == "ViT-B/16"
+    assert table.vit_name("huge") == "ViT-H/14"
+    assert table.vit_name("tiny") == "ViT-tiny/4"
+
+
+# ------------------------------------------------------------------------------------------------ table
+def test_table_from_fixture_runs(runs):
+    t = table.make_table(runs)
+    assert t.warnings == []
+    b = row(t, "ViT-B/16", "ViT-B (bootstrapped)")
+    assert b.setting.asym is True and b.published.values["in1k"] == 84.5
+    assert [c.value for c in b.cells["in1k"]] == [84.31]
+    # ours | paper | diff per metric; mask AP was not published for dBOT: a dash, and so is its difference
+    assert md_line(t, "ViT-B/16", "ViT-B (bootstrapped)") == [
+        "ViT-B/16", "ViT-B (bootstrapped)", "yes",
+        "84.31", "84.5", "-0.19",
+        "52.00", "52.7", "-0.70",
+        "46.10", "-", "-",
+        "49.90", "49.5", "+0.40",
+    ]  # fmt: skip
+    assert "†" not in table.to_markdown(t)  # no duplicates, no marker
+    # published rows without runs are kept, all of ours dashes
+    assert md_line(t, "ViT-L/16", "pixels")[3:6] == ["-", "85.9", "-"]
+
+
+def test_missing_cells_are_dashes_never_numbers(runs):
+    t = table.make_table(runs)
+    tiny = md_line(t, "ViT-tiny/4", "ViT-tiny (bootstrapped)")
+    assert tiny[3:] == ["61.20"] + ["-"] * 11
+    csv_rows = list(csv.reader(io.StringIO(table.to_csv(t))))
+    tiny_csv = next(r for r in csv_rows if r[0] == "ViT-tiny/4")
+    assert tiny_csv[3:] == ["61.20"] + ["-"] * 11
+    tex = next(line for line in table.to_latex(t).splitlines() if line.startswith("ViT-tiny/4"))
+    assert tex.count("--") == 11 and "61.20" in tex
+    for text in (table.to_markdown(t), table.to_csv(t), table.to_latex(t)):
+        assert not re.search(r"\b(nan|none|null)\b", text, re.IGNORECASE)
+    j = table.to_json(t)
+    tiny_json = next(r for r in j["rows"] if r["student"] == "ViT-tiny/4")
+    assert tiny_json["box_ap"] == {"ours": None, "all": [], "paper": None, "paper_source": None, "diff": None}
+
+
+def test_malformed_files_are_named_and_skipped(runs):
+    (runs / "broken").mkdir()
+    (runs / "broken" / "results.json").write_text("{not json")
+    (runs / "list").mkdir()
+    (runs / "list" / "results.json").write_text("[1, 2]")
+    downstream(runs, "no-task", None, "x.pth", top1=1.0)
+    downstream(runs, "nan", "finetune", "runs/pretrain-base/checkpoint-stage1-student.pth", top1=float("nan"))
+    downstream(runs, "text", "ade20k", "runs/pretrain-base/checkpoint-stage1-student.pth", mIoU="high")
+    downstream(runs, "nometric", "coco", "runs/pretrain-base/checkpoint-stage1-student.pth", bbox={"AP50": 3.0})
+    t = table.make_table(runs)
+    text = "\n".join(t.warnings)
+    for name in ("broken", "list", "no-task", "nan", "text", "nometric"):
+        assert str(runs / name / "results.json") in text, name
+    assert "JSONDecodeError" in text and "no 'task' field" in text and "is not a number" in text
+    # the rest is still tabulated, unchanged by the bad files
+    b = row(t, "ViT-B/16", "ViT-B (bootstrapped)")
+    assert [c.value for c in b.cells["in1k"]] == [84.31] and [c.value for c in b.cells["miou"]] == [49.9]
+    assert "## Warnings" in table.to_markdown(t)
+
+
+def test_duplicates_newest_shown_with_note_or_all(runs):
+    ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
+    downstream(runs, "finetune-base-rerun", "finetune", ck, finished="2026-02-01T00:00:00+0000", top1=84.55)
+    downstream(runs, "finetune-base-old", "finetune", ck, finished="2025-12-01T00:00:00+0000", top1=83.9)
+    t = table.make_table(runs)
+    b = row(t, "ViT-B/16", "ViT-B (bootstrapped)")
+    assert [c.value for c in b.cells["in1k"]] == [84.55, 84.31, 83.9]  # newest first, none merged
+    assert md_line(t, "ViT-B/16", "ViT-B (bootstrapped)")[3:6] == ["84.55†", "84.5", "+0.05"]
+    assert "† = several runs claim the cell" in table.to_markdown(t)
+    note = next(n for n in t.notes if "3 runs claim" in n)
+    assert all(s in note for s in ("84.55", "84.31", "83.90", "finetune-base-rerun", "finetune-base-old"))
+    prov = [p for p in table.provenance_rows(t) if p["column"] == "IN-1K top-1" and p["student"] == "ViT-B/16"]
+    assert [p["shown"] for p in prov] == [True, False, False]
+
+    t_all = table.make_table(runs, duplicates="all")
+    assert md_line(t_all, "ViT-B/16", "ViT-B (bootstrapped)")[3] == "84.55 / 84.31 / 83.90"
+
+
+def test_provenance_of_each_cell(runs):
+    t = table.make_table(runs)
+    prov = {p["column"]: p for p in table.provenance_rows(t) if p["student"] == "ViT-B/16"}
+    assert set(prov) == {"IN-1K top-1", "COCO box AP", "COCO mask AP", "ADE20K mIoU"}
+    ck = runs / "pretrain-base" / "checkpoint-stage1-student.pth"
+    p = prov["COCO box AP"]
+    assert p["run"] == str(runs / "coco-base") and p["field"] == "bbox.AP"
+    assert p["checkpoint_sha256"] == file_sha256(ck)  # no checkpoint_sha256 in the file: hashed here
+    assert p["commit"] == "d" * 40 and p["pretrain_commit"] == "p" * 40
+    assert p["pretrain_run"] == str(ck.parent) and "stage-1 student" in p["row_from"]
+    assert table.to_json(t)["rows"][0]["in1k"]["paper_source"] == "dbot_readme"
+
+
+def test_recorded_sha_is_kept_and_contradicting_file_not_used(runs, tmp_path):
+    t = table.make_table(runs)
+    ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
+    downstream(runs, "moved", "finetune", "/cluster/x/" + ck, checkpoint_sha256="0" * 16, model="base", top1=80.0)
+    t = table.make_table(runs)
+    assert any("differs from the recorded 0000000000000000" in w for w in t.warnings)
+    r = row(t, "ViT-B/16", "?")  # not placed in the dBOT row on a contradicting hash
+    assert r.cells["in1k"][0].sha == "0" * 16
+
+
+def test_runs_copied_from_another_machine_are_found_by_folder_and_file(runs):
+    sha = file_sha256(runs / "pretrain-base" / "checkpoint-stage0-student.pth")
+    ck = "/cluster/x/runs/pretrain-base/checkpoint-stage0-student.pth"
+    downstream(runs, "finetune-stage0", "finetune", ck, checkpoint_sha256=sha, model="base", top1=70.0)
+    t = table.make_table(runs)
+    assert [c.value for c in row(t, "ViT-B/16", "random ViT-B").cells["in1k"]] == [70.0]
+
+
+def test_448_run_follows_the_fine_tuned_checkpoint_to_pretraining(runs):
+    pretrain_run(runs, "pretrain-huge", cfg(**{"model.size": "huge", "teacher.init_depth": 0}))
+    ck = "runs/pretrain-huge/checkpoint-stage1-student.pth"
+    downstream(runs, "finetune-huge", "finetune", ck, config={"model": {"size": "huge", "img_size": None}}, top1=87.1)
+    (runs / "finetune-huge" / "checkpoint-best.pth").write_bytes(b"fine-tuned H")
+    downstream(
+        runs,
+        "finetune-huge448",
+        "finetune",
+        "runs/finetune-huge/checkpoint-best.pth",
+        config={"model": {"size": "huge", "img_size": 448}},
+        top1=88.2,
+    )
+    t = table.make_table(runs)
+    assert md_line(t, "ViT-H/14", "ViT-H (bootstrapped)")[3:6] == ["87.10", "87.4", "-0.30"]
+    assert md_line(t, "ViT-H/14 @448", "ViT-H (bootstrapped)")[3:6] == ["88.20", "88.0", "+0.20"]
+    c = row(t, "ViT-H/14 @448", "ViT-H (bootstrapped)").cells["in1k"][0]
+    assert "via" in c.origin.how and c.origin.pretrain_folder == runs / "pretrain-huge"
+    assert c.provenance()["config"] == str(runs / "finetune-huge448" / "config.yaml")
+
+
+def test_mae_baseline_row_and_symmetric_student(runs):
+    pixels = cfg(**{"model.size": "large", "target.kind": "pixels", "teacher.bootstrap": False})
+    pretrain_run(runs, "pretrain-mae-l", {**pixels, "stages": {"epochs": [0, 1600]}}, stages=1)
+    downstream(runs, "ft-mae-l", "finetune", "runs/pretrain-mae-l/checkpoint-stage0-student.pth", top1=85.5)
+    clip = cfg(**{"model.kind": "beit", "target.kind": "timm", "target.timm.name": "vit_base_patch16_clip_224.openai"})
+    pretrain_run(runs, "pretrain-clip-b", {**clip, "stages": {"epochs": [0, 1600]}}, stages=1)
+    downstream(runs, "ft-clip-b", "finetune", "runs/pretrain-clip-b/checkpoint-stage0-student.pth", top1=85.1)
+    t = table.make_table(runs)
+    assert md_line(t, "ViT-L/16", "pixels")[2:6] == ["yes", "85.50", "85.9", "-0.40"]
+    assert md_line(t, "ViT-B/16", "CLIP-B/16")[2:6] == ["no", "85.10", "85.7", "-0.60"]
+
+
+def test_external_checkpoints_through_labels_file_or_results_label(runs, tmp_path):
+    downstream(runs, "ft-authors", "finetune", "/dl/84.5_dbot_base_pre.pth", checkpoint_sha256="ab" * 8, top1=84.4)
+    downstream(runs, "ft-mae", "finetune", "/dl/mae_pretrain_vit_base.pth", checkpoint_sha256="cd" * 8, top1=83.4)
+    downstream(runs, "ft-labelled", "finetune", "/dl/other.pth", label="ViT-L/16 | ViT-H", top1=86.5)
+    downstream(runs, "ft-unknown", "finetune", "/dl/unknown.pth", model="base", top1=80.0)
+    labels = tmp_path / "labels.yaml"
+    labels.write_text(
+        "84.5_dbot_base_pre.pth: {student: ViT-B/16, teacher: ViT-B (bootstrapped)}\n"
+        f"{'cd' * 4}: {{student: ViT-B/16, teacher: pixels, asym: true}}\n"
+    )
+    t = table.make_table(runs, labels)
+    b = row(t, "ViT-B/16", "ViT-B (bootstrapped)")
+    assert sorted(c.value for c in b.cells["in1k"]) == [84.31, 84.4]  # ours and the authors' file: both kept
+    assert {c.value: c.origin.how for c in b.cells["in1k"]}[84.4] == "--labels file"
+    assert md_line(t, "ViT-B/16", "pixels")[3:6] == ["83.40", "83.6", "-0.20"]
+    assert md_line(t, "ViT-L/16", "ViT-H")[3:6] == ["86.50", "86.8", "-0.30"]
+    unknown = row(t, "ViT-B/16", "?")
+    assert "--labels" in unknown.cells["in1k"][0].origin.how
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("x.pth: {student: ViT-B/16}\n")
+    with pytest.raises(ValueError, match="entry 'x.pth' needs 'student' and 'teacher'"):
+        table.make_table(runs, bad)
+
+
+def test_linprobe_and_transfer_columns_appear_only_with_runs(runs):
+    ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
+    assert [m.key for m in table.make_table(runs).metrics] == ["in1k", "box_ap", "mask_ap", "miou"]
+    downstream(runs, "lin", "linprobe", ck, dataset="imagenet:/in", top1=68.0)
+    downstream(runs, "cars", "transfer", ck, dataset="cars:/data/cars", top1=93.0)
+    t = table.make_table(runs)
+    assert [m.key for m in t.metrics][4:] == ["linprobe", "transfer:cars"]
+    assert md_line(t, "ViT-B/16", "ViT-B (bootstrapped)")[-2:] == ["68.00", "93.00"]
+    assert any("Stanford Cars" in n and "93.7" in n for n in t.notes)
+
+
+def test_cli_writes_every_format(runs, capsys):
+    (runs / "broken").mkdir()
+    (runs / "broken" / "results.json").write_text("{")
+    out = runs.parent / "table-out"
+    assert table.main(["--runs", str(runs), "--out", str(out), "--ours-only"]) == 0
+    printed = capsys.readouterr()
+    assert "| ViT-B/16 | ViT-B (bootstrapped) | yes | 84.31 | 84.5 | -0.19 |" in printed.out
+    assert "ViT-L/16" not in printed.out.split("## Notes")[0]  # --ours-only: published-only rows dropped
+    assert str(runs / "broken" / "results.json") in printed.err
+    for name in ("table.md", "table.tex", "table.csv", "provenance.csv", "table.json", "table.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    prov = list(csv.DictReader(io.StringIO((out / "provenance.csv").read_text())))
+    assert len(prov) == 5 and all(p["checkpoint_sha256"] != "-" for p in prov)
+    assert table.main(["--runs", str(runs / "nope")]) == 2
+
+
+def test_published_file_is_consistent():
+    rows, sources, notes, other = table.load_published()
+    keys = [r.setting.key for r in rows]
+    assert len(keys) == len(set(keys))
+    assert len(rows) == 14 and {r.method for r in rows} == {"dBOT", "MAE"}
+    by = {(r.setting.student, r.setting.teacher): r for r in rows}
+    assert by[("ViT-B/16", "ViT-B (bootstrapped)")].values == {"in1k": 84.5, "box_ap": 52.7, "miou": 49.5}
+    assert by[("ViT-H/14 @448", "CLIP-L/14")].values == {"in1k": 89.1}
+    assert by[("ViT-B/16", "pixels")].sources["box_ap"] == "vitdet_readme"
+    assert set(sources) >= {"dbot_readme", "mae_paper", "vitdet_readme"} and "box_ap" in notes
+
+
+def test_row_of_a_real_pretraining_run(tiny_pretrained, tmp_path):
+    """The row comes from what pretrain.train really writes (config.yaml, results.json, stage files)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_pretrained.parent, runs / "pretrain-tiny")
+    pre = json.loads((runs / "pretrain-tiny" / "results.json").read_text())
+
+    def copied(path: str) -> str:
+        return str(runs / "pretrain-tiny" / Path(path).name)
+
+    downstream(runs, "ft", "finetune", copied(pre["checkpoint"]), model="tiny", top1=55.5)
+    downstream(runs, "ft0", "finetune", copied(pre["checkpoints"]["stage0_student"]), model="tiny", top1=44.4)
+    downstream(runs, "ft-t1", "finetune", copied(pre["checkpoints"]["stage1_teacher"]), model="tiny", top1=33.3)
+    t = table.make_table(runs)
+    assert t.warnings == []
+    assert md_line(t, "ViT-tiny/4", "ViT-tiny (bootstrapped)")[3] == "55.50"
+    stage0 = row(t, "ViT-tiny/4", "random ViT-tiny")
+    # the stage-1 teacher is the stage-0 student: the same row, both runs kept
+    assert sorted(c.value for c in stage0.cells["in1k"]) == [33.3, 44.4]
+    assert all(c.sha == file_sha256(c.checkpoint) for c in stage0.cells["in1k"])
+    assert all(c.origin.pretrain_commit == pre["git_commit"] for c in stage0.cells["in1k"])
