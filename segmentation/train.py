@@ -36,7 +36,7 @@ TASK = "ade20k"
 def check(cfg: DictConfig, env: dist.DistEnv) -> dict:
     """Derived settings; each problem is reported with its option before any compute."""
     per_step = cfg.data.batch_per_gpu * env.world_size
-    if cfg.optim.global_batch % per_step:
+    if cfg.optim.global_batch % per_step and not cfg.eval_only:
         raise ConfigError(
             f"optim.global_batch={cfg.optim.global_batch} is not a multiple of data.batch_per_gpu x processes "
             f"= {cfg.data.batch_per_gpu} x {env.world_size}"
@@ -57,7 +57,7 @@ def check(cfg: DictConfig, env: dist.DistEnv) -> dict:
         amp = engine.resolve_amp(cfg.amp, env.device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return {"accum": cfg.optim.global_batch // per_step, "amp": amp}
+    return {"accum": max(cfg.optim.global_batch // per_step, 1), "amp": amp}
 
 
 def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
