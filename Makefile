@@ -36,7 +36,7 @@ TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain finetune convert test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune convert ade20k test test-all lint format bench clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
@@ -68,6 +68,11 @@ $(TINY)/imagenet/.done: tools/datasets.py | $(VENV)/.installed
 	$(PY) -m tools.datasets imagenet --out $(TINY)/imagenet
 	@touch $@
 
+$(TINY)/ade20k/.done: tools/datasets.py | $(VENV)/.installed
+	rm -rf $(TINY)/ade20k
+	$(PY) -m tools.datasets ade20k --out $(TINY)/ade20k
+	@touch $@
+
 $(TINY_CKPT): | $(VENV)/.installed
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 
@@ -81,6 +86,10 @@ pretrain: venv $(TINY_DEPS) ## dBOT pretraining (tiny data by default; DATA=imag
 
 finetune: venv $(TINY_DEPS) $(CKPT_DEPS) ## ImageNet fine-tuning (tiny by default; DATA=imagenet MODEL=base CKPT=...; MODEL=linprobe_base ...)
 	$(LAUNCH) finetune -c $(MODEL) data.root=$(PRETRAIN_DATA) checkpoint=$(START_CKPT) out=$(RUNS)/finetune-$(MODEL) $(ARGS)
+
+ade20k: venv $(if $(DATA),,$(TINY)/ade20k/.done) $(CKPT_DEPS) ## ADE20K UperNet segmentation (tiny by default; DATA=.../ADEChallengeData2016 MODEL=base CKPT=...)
+	$(LAUNCH) segmentation -c $(MODEL) data.root=$(if $(DATA),$(DATA),$(TINY)/ade20k) checkpoint=$(START_CKPT) \
+		out=$(RUNS)/ade20k-$(MODEL) $(ARGS)
 
 convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmseg|mmpretrain|backbone [OUT=...]
 	$(PY) -m tools.convert $(START_CKPT) $(if $(OUT),$(OUT),$(basename $(START_CKPT))-$(TO).pth) --to $(TO) $(if $(filter-out tiny,$(MODEL)),--model $(MODEL),)
