@@ -171,7 +171,7 @@ def photometric_distortion(img: np.ndarray) -> np.ndarray:
 
 def normalize(img: torch.Tensor) -> torch.Tensor:
     """uint8/float `[3, H, W]` in 0..255 -> ImageNet-normalised float."""
-    return (img.float() - MEAN) / STD
+    return (img.float() - MEAN.to(img.device)) / STD.to(img.device)
 
 
 class TrainPipeline:

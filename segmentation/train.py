@@ -41,6 +41,11 @@ def check(cfg: DictConfig, env: dist.DistEnv) -> dict:
             f"optim.global_batch={cfg.optim.global_batch} is not a multiple of data.batch_per_gpu x processes "
             f"= {cfg.data.batch_per_gpu} x {env.world_size}"
         )
+    if cfg.data.batch_per_gpu < 2 and not cfg.eval_only and not (env.distributed and env.device.type == "cuda"):
+        raise ConfigError(
+            "data.batch_per_gpu=1 needs BatchNorm synchronised across several GPUs: the pyramid pooling's 1 x 1 "
+            "branch has a single value per channel otherwise"
+        )
     if cfg.model.img_size != cfg.data.crop:
         raise ConfigError(f"model.img_size={cfg.model.img_size} must equal data.crop={cfg.data.crop}")
     patch = preset(cfg.model.size)["patch_size"]
