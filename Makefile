@@ -37,7 +37,7 @@ TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain finetune coco convert table analysis test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune coco ade20k convert table analysis test test-all lint format bench clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
@@ -70,14 +70,25 @@ $(TINY)/imagenet/.done: tools/datasets.py | $(VENV)/.installed
 	$(PY) -m tools.datasets imagenet --out $(TINY)/imagenet
 	@touch $@
 
+$(TINY)/coco/.done: tools/datasets.py | $(VENV)/.installed
+	rm -rf $(TINY)/coco
+	$(PY) -m tools.datasets coco --out $(TINY)/coco
+	@touch $@
+
+$(TINY)/ade20k/.done: tools/datasets.py | $(VENV)/.installed
+	rm -rf $(TINY)/ade20k
+	$(PY) -m tools.datasets ade20k --out $(TINY)/ade20k
+	@touch $@
+
 $(TINY_CKPT): | $(VENV)/.installed
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 
-demo: venv ## the whole tiny chain on CPU: pretrain -> convert -> finetune -> coco -> table
+demo: venv ## the whole tiny chain on CPU: pretrain -> convert -> finetune -> coco -> ade20k -> table
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory convert MODEL=tiny CKPT= TO=timm OUT=$(RUNS)/pretrain-tiny/vit_tiny_dbot_timm.pth
 	$(MAKE) --no-print-directory finetune MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory coco MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
+	$(MAKE) --no-print-directory ade20k MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory table RUNS=$(RUNS) ARGS=
 
 pretrain: venv $(TINY_DEPS) ## dBOT pretraining (tiny data by default; DATA=imagenet MODEL=base NGPUS=8 ...)
@@ -86,13 +97,11 @@ pretrain: venv $(TINY_DEPS) ## dBOT pretraining (tiny data by default; DATA=imag
 finetune: venv $(TINY_DEPS) $(CKPT_DEPS) ## ImageNet fine-tuning (tiny by default; DATA=imagenet MODEL=base CKPT=...; MODEL=linprobe_base ...)
 	$(LAUNCH) finetune -c $(MODEL) data.root=$(PRETRAIN_DATA) checkpoint=$(START_CKPT) out=$(RUNS)/finetune-$(MODEL) $(ARGS)
 
-$(TINY)/coco/.done: tools/datasets.py | $(VENV)/.installed
-	rm -rf $(TINY)/coco
-	$(PY) -m tools.datasets coco --out $(TINY)/coco
-	@touch $@
-
 coco: venv $(if $(DATA),,$(TINY)/coco/.done) $(CKPT_DEPS) ## COCO Mask R-CNN (ViTDet); tiny by default; DATA=/coco MODEL=base CKPT=... NGPUS=8 NNODES=8
 	$(LAUNCH) detection -c $(MODEL) data.root=$(if $(DATA),$(DATA),$(TINY)/coco) checkpoint=$(START_CKPT) out=$(RUNS)/coco-$(MODEL) $(ARGS)
+ade20k: venv $(if $(DATA),,$(TINY)/ade20k/.done) $(CKPT_DEPS) ## ADE20K UperNet segmentation (tiny by default; DATA=.../ADEChallengeData2016 MODEL=base CKPT=...)
+	$(LAUNCH) segmentation -c $(MODEL) data.root=$(if $(DATA),$(DATA),$(TINY)/ade20k) checkpoint=$(START_CKPT) \
+		out=$(RUNS)/ade20k-$(MODEL) $(ARGS)
 
 convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmseg|mmpretrain|backbone [OUT=...]
 	$(PY) -m tools.convert $(START_CKPT) $(if $(OUT),$(OUT),$(basename $(START_CKPT))-$(TO).pth) --to $(TO) $(if $(filter-out tiny,$(MODEL)),--model $(MODEL),)

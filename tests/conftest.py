@@ -96,3 +96,41 @@ def detection_config(data_root: Path, out: Path, *overrides: str):
         "log.tensorboard=false",
     ]
     return load_config(REPO / "detection" / "configs", "tiny", base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_ade20k(tmp_path_factory) -> Path:
+    """16 train / 4 val images in the ADEChallengeData2016 layout (8 classes, label 0 = other)."""
+    from tools.datasets import make_ade20k
+
+    return make_ade20k(tmp_path_factory.mktemp("data") / "ade20k", seed=0, train_images=16, val_images=4)
+
+
+def segmentation_config(data_root: Path, out: Path, *overrides: str):
+    """The tiny segmentation recipe shrunk: batch 4, four iterations, no workers."""
+    base = [
+        f"data.root={data_root}",
+        f"out={out}",
+        "device=cpu",
+        "data.workers=0",
+        "eval.workers=0",
+        "data.batch_per_gpu=4",
+        "optim.global_batch=4",
+        "iters=4",
+        "optim.warmup_iters=1",
+        "eval.every=4",
+        "log.every=1",
+        "log.save_every=2",
+        "log.tensorboard=false",
+    ]
+    return load_config(REPO / "segmentation" / "configs", "tiny", base + list(overrides))
+
+
+@pytest.fixture
+def tiny_segmentor():
+    """The tiny recipe's segmentor (48 px crops, 8 classes), randomly initialised from a fixed seed."""
+    from segmentation.model import build_segmentor
+
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "segmentation" / "configs", "tiny")
+    return build_segmentor(cfg.model, 8)

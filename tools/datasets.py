@@ -256,6 +256,75 @@ def _uncompressed_counts(m: np.ndarray) -> list[int]:
     return [int(c) for c in counts]
 
 
+# ------------------------------------------------------------------------------------------ ADE20K layout
+# Label ids 1..8 in this order; 0 = "other" (ignored, as in ADE20K). Four "stuff" textures fill the frame,
+# four solid "thing" shapes sit on top.
+ADE20K_TINY_CLASSES = ("hstripes", "vstripes", "checker", "dots", "circle", "square", "triangle", "star")
+
+
+def ade20k_image(rng: np.random.Generator, small: bool = False) -> tuple[Image.Image, Image.Image]:
+    """One scene and its label map (mode "L", values 0..8): one or two textures split by a straight line
+    (stuff), sometimes an "other" region (a noisy gradient, label 0), then 1-3 solid shapes (things).
+    `small` gives an image with sides 24-44 px (smaller than the tiny recipe's 48 px crop)."""
+    lo, hi = (24, 45) if small else (48, 97)
+    w, h = (int(v) for v in rng.integers(lo, hi, size=2))
+    first = int(rng.integers(len(TEXTURES)))
+    pixels = np.asarray(texture(TEXTURES[first], rng, w, h)).copy()
+    label = np.full((h, w), first + 1, dtype=np.uint8)
+    if rng.random() < 0.6:  # a second texture on one side of a random line through the image
+        second = (first + int(rng.integers(1, len(TEXTURES)))) % len(TEXTURES)
+        angle = rng.uniform(0, 2 * math.pi)
+        cx, cy = rng.uniform(0.25, 0.75) * w, rng.uniform(0.25, 0.75) * h
+        ys, xs = np.mgrid[0:h, 0:w]
+        side = (xs - cx) * math.cos(angle) + (ys - cy) * math.sin(angle) > 0
+        pixels[side] = np.asarray(texture(TEXTURES[second], rng, w, h))[side]
+        label[side] = second + 1
+    if rng.random() < 0.5:  # an "other" region: label 0
+        box = _ellipse_box(rng, w, h, 0.15, 0.35)
+        region = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(region).ellipse(box, fill=1)
+        region = np.asarray(region).astype(bool)
+        pixels[region] = np.asarray(draw_background(rng, w, h))[region]
+        label[region] = 0
+    img, lab = Image.fromarray(pixels), Image.fromarray(label, mode="L")
+    draw_img, draw_lab = ImageDraw.Draw(img), ImageDraw.Draw(lab)
+    side = min(w, h)
+    for _ in range(int(rng.integers(1, 4))):
+        ci = int(rng.integers(4))
+        r = side * rng.uniform(0.15, 0.32)
+        cx, cy = rng.uniform(r * 0.7, w - r * 0.7), rng.uniform(r * 0.7, h - r * 0.7)
+        poly = shape_polygon(ADE20K_TINY_CLASSES[4 + ci], cx, cy, r, rng.uniform(0, 2 * math.pi))
+        draw_img.polygon(poly, fill=random_colour(rng))
+        draw_lab.polygon(poly, fill=5 + ci)
+    return img, lab
+
+
+def _ellipse_box(rng: np.random.Generator, w: int, h: int, lo: float, hi: float) -> list[float]:
+    rx, ry = rng.uniform(lo, hi) * w, rng.uniform(lo, hi) * h
+    cx, cy = rng.uniform(rx, w - rx), rng.uniform(ry, h - ry)
+    return [cx - rx, cy - ry, cx + rx, cy + ry]
+
+
+def make_ade20k(out: str | Path, seed: int = 0, train_images: int = 240, val_images: int = 40) -> Path:
+    """Tiny ADEChallengeData2016-layout set; returns its root. Deterministic in `seed`.
+
+    `images/{training,validation}/ADE_{train,val}_%08d.jpg` and the matching
+    `annotations/.../*.png` (one channel, 0 = other, 1..8 = `ADE20K_TINY_CLASSES`), plus `class_names.txt`
+    (one name a line, for label 1, 2, ...). Every 8th image is smaller than a 48 px crop."""
+    out = Path(out)
+    for split, n, split_id, tag in (("training", train_images, 0, "train"), ("validation", val_images, 1, "val")):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            rng = np.random.default_rng([seed, 20, split_id, i])
+            img, lab = ade20k_image(rng, small=i % 8 == 7)
+            name = f"ADE_{tag}_{i + 1:08d}"
+            img.save(out / "images" / split / f"{name}.jpg", quality=92)
+            lab.save(out / "annotations" / split / f"{name}.png")
+    (out / "class_names.txt").write_text("\n".join(ADE20K_TINY_CLASSES) + "\n")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.datasets", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="kind", required=True)
@@ -269,6 +338,11 @@ def main(argv=None) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--train-images", type=int, default=400)
     c.add_argument("--val-images", type=int, default=100)
+    s = sub.add_parser("ade20k", help="ADEChallengeData2016 layout (images/ and annotations/, training + validation)")
+    s.add_argument("--out", default="data/tiny/ade20k")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train-images", type=int, default=240)
+    s.add_argument("--val-images", type=int, default=40)
     args = p.parse_args(argv)
     t0 = time.time()
     if args.kind == "imagenet":
@@ -278,6 +352,12 @@ def main(argv=None) -> None:
     elif args.kind == "coco":
         root = make_coco(args.out, args.seed, args.train_images, args.val_images)
         print(f"wrote {args.train_images} + {args.val_images} COCO-layout images to {root} in {time.time() - t0:.1f}s")
+    elif args.kind == "ade20k":
+        root = make_ade20k(args.out, args.seed, args.train_images, args.val_images)
+        n = args.train_images + args.val_images
+        print(
+            f"wrote {n} images + label maps ({len(ADE20K_TINY_CLASSES)} classes) to {root} in {time.time() - t0:.1f}s"
+        )
 
 
 if __name__ == "__main__":
