@@ -5,12 +5,27 @@ OpenMMLab.
 
 `read_backbone(path)` is the one entry point every downstream task uses to start from pretrained weights.
 It understands
-- this suite's pretraining files (student of any stage, teacher, checkpoint-last),
+- this suite's pretraining files (student of any stage, teacher, checkpoint-last) and fine-tuning files,
 - the authors' released dBOT files and MAE's (`{'model': ..., 'optimizer', 'epoch', 'scaler', 'args'}`,
   with decoder and mask-token keys in pretraining files, `head`/`fc_norm` in fine-tuned ones),
 - plain timm ViT state dicts, `.pth` or `.safetensors`,
 and returns the encoder weights under timm names with a note of what was dropped. Loading never executes
 pickled code (see core.checkpoint.load).
+
+Writers (`--to`), each a plain function of a timm-named state dict:
+- `backbone`: this suite's `{'model', 'meta'}` file (what every downstream task reads back);
+- `timm`: a flat state dict for `timm.create_model('vit_base_patch16_224', num_classes=0, checkpoint_path=...)`;
+- `detectron2`: ViTDet (`detectron2/modeling/backbone/vit.py` inside `SimpleFeaturePyramid`): keys
+  `backbone.net.*`, no cls token and no final norm (the position table keeps its cls entry,
+  `pretrain_use_cls_token=True`); the decomposed relative-position tables are new and start at zero;
+- `mmdet`: mmdetection's `projects/ViTDet` `ViT` backbone, which reads `ckpt['model']` under timm/MAE names;
+- `mmseg`: mmsegmentation's `VisionTransformer` (the names of its `tools/model_converters/vit2mmseg.py`);
+- `mmpretrain`: mmpretrain's `VisionTransformer` (`layers.N.ln1`, `attn.qkv`, `ffn.layers.0.0`, final `ln1`).
+
+With `--model` (or the size guessed from the weights) the tensors are checked against this suite's ViT of
+that size, the position embedding is resized bicubically to `--img-size`, and `--patch-size` resizes the
+patch-embedding kernel the way ViTDet made its ViT-H/16 from MAE's ViT-H/14; the report lists what was
+dropped, missing, unexpected and reshaped, and a tensor that cannot be adapted is an error naming it.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from core import checkpoint as ckpt
 
@@ -80,21 +96,76 @@ def read_backbone(path: str | os.PathLike, key: str | None = None, keep_head: bo
     return sd, BackboneInfo(source=str(path), layout=layout, dropped=dropped)
 
 
-# ------------------------------------------------------------------------------------------------ writers
-LAYOUTS = ("backbone", "timm", "detectron2", "mmseg", "mmpretrain")
+# ------------------------------------------------------------------------------------ sizes and adapters
+def arch_of(sd: dict) -> dict:
+    """What the weights say about the architecture: embed_dim, depth, patch_size, grid side, layer scale."""
+    w = sd["patch_embed.proj.weight"]  # [D, 3, p, p]
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    n_pos = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
+    return dict(
+        embed_dim=w.shape[0],
+        depth=max(blocks) + 1 if blocks else 0,
+        patch_size=w.shape[-1],
+        grid=int(round(n_pos**0.5)) if n_pos else None,
+        layer_scale="blocks.0.ls1.gamma" in sd,
+    )
 
 
-def fit_to_model(sd: dict, model_size: str, img_size: int | None = None, source: str = "<state dict>"):
-    """Check `sd` against this suite's ViT of `model_size` (at `img_size`), resizing the position embedding to
-    its grid. Returns (state dict, LoadReport); a shape that cannot be adapted is a CheckpointError."""
-    from core.vit import build_vit, resize_pos_embed
+def guess_size(sd: dict) -> str | None:
+    """The preset (tiny/small/base/large/huge) whose width, depth and patch size the weights have."""
+    from core.vit import PRESETS
 
+    a = arch_of(sd)
+    for name, p in PRESETS.items():
+        if (p["embed_dim"], p["depth"], p["patch_size"]) == (a["embed_dim"], a["depth"], a["patch_size"]):
+            return name
+    return None
+
+
+def model_overrides(sd: dict) -> dict:
+    """Constructor arguments the weights need beyond the preset: layer scale (`blocks.N.ls1.gamma`, the
+    symmetric BEiT-style student) gets a LayerScale module to load into."""
+    return {"init_values": 1.0} if "blocks.0.ls1.gamma" in sd else {}
+
+
+def resize_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Patch-embedding kernel `[D, 3, p, p]` resized bicubically (align_corners False) to `patch_size`, as
+    ViTDet turned MAE's ViT-H/14 into its ViT-H/16."""
+    return F.interpolate(weight.float(), size=(patch_size, patch_size), mode="bicubic", align_corners=False).to(
+        weight.dtype
+    )
+
+
+def shape_adapters(grid: tuple[int, int], patch_size: int):
+    """`core.checkpoint.load_weights` adapters: position embedding to `grid`, patch kernel to `patch_size`."""
+    from core.vit import resize_pos_embed
+
+    def adapt(name, tensor, target):
+        if name == "pos_embed" and tensor.ndim == 3 and tensor.shape[-1] == target.shape[-1]:
+            return resize_pos_embed(tensor, grid)
+        if name == "patch_embed.proj.weight" and tensor.shape[:2] == target.shape[:2]:
+            return resize_patch_embed(tensor, patch_size)
+        return None
+
+    return [adapt]
+
+
+def fit_to_model(
+    sd: dict,
+    model_size: str,
+    img_size: int | None = None,
+    source: str = "<state dict>",
+    patch_size: int | None = None,
+):
+    """Check `sd` against this suite's ViT of `model_size` (at `img_size`, with `patch_size`), resizing the
+    position embedding (and the patch kernel) to fit. Returns (state dict, LoadReport); a shape that cannot
+    be adapted is a CheckpointError naming the tensor."""
+    from core.vit import build_vit
+
+    overrides = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v}
     with torch.device("meta"):
-        model = build_vit(model_size, **({"img_size": img_size} if img_size else {}))
-
-    def pos(name, t, target):
-        return resize_pos_embed(t, model.grid_size) if name == "pos_embed" else None
-
+        model = build_vit(model_size, **overrides, **model_overrides(sd))
+    adapt = shape_adapters(model.grid_size, model.patch_size)[0]
     report = ckpt.LoadReport()
     own = model.state_dict()
     out, problems = {}, []
@@ -103,7 +174,7 @@ def fit_to_model(sd: dict, model_size: str, img_size: int | None = None, source:
             report.unexpected.append(k)
             continue
         if v.shape != own[k].shape:
-            fixed = pos(k, v, own[k])
+            fixed = adapt(k, v, own[k])
             if fixed is None or fixed.shape != own[k].shape:
                 problems.append(f"{k}: checkpoint {tuple(v.shape)} vs {model_size} {tuple(own[k].shape)}")
                 continue
@@ -112,9 +183,24 @@ def fit_to_model(sd: dict, model_size: str, img_size: int | None = None, source:
         out[k] = v
         report.loaded.append(k)
     if problems:
-        raise ckpt.CheckpointError(f"{source}: does not fit a ViT-{model_size}: " + "; ".join(problems[:4]))
+        found = guess_size(sd)
+        hint = f" (the weights look like ViT-{found})" if found and found != model_size else ""
+        raise ckpt.CheckpointError(
+            f"{source}: does not fit a ViT-{model_size}{hint}: "
+            + "; ".join(problems[:4])
+            + (f" ... (+{len(problems) - 4})" if len(problems) > 4 else "")
+        )
     report.missing = [k for k in own if k not in out]
     return out, report
+
+
+# ------------------------------------------------------------------------------------------------ writers
+LAYOUTS = ("backbone", "timm", "detectron2", "mmdet", "mmseg", "mmpretrain")
+
+
+def _encoder_only(sd: dict) -> dict:
+    """Drop what detection backbones do not have: cls token, final norm, classifier."""
+    return {k: v for k, v in sd.items() if k != "cls_token" and not k.startswith(("norm.", *HEAD_PREFIXES))}
 
 
 def to_timm(sd: dict) -> dict:
@@ -126,11 +212,13 @@ def to_timm(sd: dict) -> dict:
 def to_detectron2(sd: dict) -> dict:
     """detectron2 ViTDet (`modeling/backbone/vit.py` under SimpleFeaturePyramid): `backbone.net.` prefix, no
     cls token and no final norm (the position embedding keeps its cls entry: pretrain_use_cls_token)."""
-    return {
-        f"backbone.net.{k}": v
-        for k, v in sd.items()
-        if k != "cls_token" and not k.startswith(("norm.", *HEAD_PREFIXES))
-    }
+    return {f"backbone.net.{k}": v for k, v in _encoder_only(sd).items()}
+
+
+def to_mmdet(sd: dict) -> dict:
+    """mmdetection's projects/ViTDet `ViT`: timm/MAE block names, no cls token, no final norm (its
+    `init_weights` reads `ckpt['model']`)."""
+    return _encoder_only(sd)
 
 
 def to_mmseg(sd: dict) -> dict:
@@ -160,8 +248,7 @@ def to_mmseg(sd: dict) -> dict:
 
 
 def to_mmpretrain(sd: dict) -> dict:
-    """mmpretrain / mmcls VisionTransformer (the backbone of mmdet's ViTDet project): as mmseg but attention
-    keeps `attn.qkv` / `attn.proj`."""
+    """mmpretrain / mmcls VisionTransformer: as mmseg but attention keeps `attn.qkv` / `attn.proj`."""
     out = {}
     for k, v in to_mmseg(sd).items():
         out[k.replace("attn.attn.in_proj_", "attn.qkv.").replace("attn.attn.out_proj", "attn.proj")] = v
@@ -174,17 +261,15 @@ def write(sd: dict, path: str | os.PathLike, layout: str, meta: dict | None = No
         raise ValueError(f"--to must be one of {LAYOUTS}, got {layout!r}")
     path = Path(path)
     if layout == "backbone":
-        weights, container = (
-            dict(sd),
-            lambda w: {"model": w, "meta": {"format": "dbot-suite/backbone/v1", **(meta or {})}},
-        )
+        weights = dict(sd)
+        container = lambda w: {"model": w, "meta": {"format": "dbot-suite/backbone/v1", **(meta or {})}}  # noqa: E731
     elif layout == "timm":
         weights, container = to_timm(sd), lambda w: w
     elif layout == "detectron2":
-        weights, container = (
-            to_detectron2(sd),
-            lambda w: {"model": w, "__author__": "dbot-suite", "matching_heuristics": False},
-        )
+        weights = to_detectron2(sd)
+        container = lambda w: {"model": w, "__author__": "dbot-suite", "matching_heuristics": False}  # noqa: E731
+    elif layout == "mmdet":
+        weights, container = to_mmdet(sd), lambda w: {"model": w}
     else:
         weights = to_mmseg(sd) if layout == "mmseg" else to_mmpretrain(sd)
         container = lambda w: {"state_dict": w, "meta": {"converted_by": "dbot-suite", **(meta or {})}}  # noqa: E731
@@ -205,18 +290,27 @@ def convert(
     *,
     model: str | None = None,
     img_size: int | None = None,
+    patch_size: int | None = None,
     key: str | None = None,
     keep_head: bool = False,
 ):
-    """Read any supported checkpoint, optionally check/adapt it to a model size and resolution, write `layout`.
-    Returns (path, BackboneInfo, LoadReport or None)."""
+    """Read any supported checkpoint, check/adapt it to a model size (given, or guessed from the weights)
+    and resolution, write `layout`. Returns (path, BackboneInfo, LoadReport or None if the size is unknown)."""
     sd, info = read_backbone(src, key=key, keep_head=keep_head)
+    size = model or guess_size(sd)
+    if size is None and (img_size or patch_size):
+        raise ckpt.CheckpointError(
+            f"{src}: weights of width {arch_of(sd)['embed_dim']} / depth {arch_of(sd)['depth']} match no preset; "
+            "give --model to resize them"
+        )
     report = None
-    if model is not None:
+    if size is not None:
         head = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIXES)}
-        sd, report = fit_to_model({k: v for k, v in sd.items() if k not in head}, model, img_size, str(src))
+        body = {k: v for k, v in sd.items() if k not in head}
+        sd, report = fit_to_model(body, size, img_size, str(src), patch_size=patch_size)
         sd.update(head)
-    path = write(sd, dst, layout, meta={"source": str(src), "source_layout": info.layout, "model": model})
+    meta = {"source": str(src), "source_layout": info.layout, "model": size, "img_size": img_size}
+    path = write(sd, dst, layout, meta=meta)
     return path, info, report
 
 
@@ -227,20 +321,35 @@ def main(argv=None) -> None:
     p.add_argument("src", help="checkpoint to read (.pth/.pt/.safetensors): this suite's, the authors', MAE's, timm's")
     p.add_argument("dst", help="file to write (.pth, or .safetensors for a flat file)")
     p.add_argument("--to", default="backbone", choices=LAYOUTS, help="layout to write")
-    p.add_argument("--model", default=None, help="check against this size (tiny/small/base/large/huge)")
+    p.add_argument(
+        "--model", default=None, help="check against this size (tiny/small/base/large/huge); default: guessed"
+    )
     p.add_argument("--img-size", type=int, default=None, help="resize the position embedding for this resolution")
+    p.add_argument("--patch-size", type=int, default=None, help="resize the patch kernel (ViTDet's ViT-H: 16)")
     p.add_argument("--key", default=None, help="entry of the container to read (e.g. teacher)")
     p.add_argument("--keep-head", action="store_true", help="keep head/fc_norm of fine-tuned checkpoints")
     a = p.parse_args(argv)
-    path, info, report = convert(
-        a.src, a.dst, a.to, model=a.model, img_size=a.img_size, key=a.key, keep_head=a.keep_head
-    )
+    try:
+        path, info, report = convert(
+            a.src,
+            a.dst,
+            a.to,
+            model=a.model,
+            img_size=a.img_size,
+            patch_size=a.patch_size,
+            key=a.key,
+            keep_head=a.keep_head,
+        )
+    except ckpt.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     print(
         f"read {a.src} ({info.layout}); dropped {len(info.dropped)} pretraining/head tensors"
         + (f": {', '.join(info.dropped[:6])}{' ...' if len(info.dropped) > 6 else ''}" if info.dropped else "")
     )
     if report is not None:
         print(report.summary())
+    else:
+        print("size not recognised (no --model): written unchecked")
     print(f"wrote {path} ({a.to} layout)")
 
 
