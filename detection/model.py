@@ -5,6 +5,8 @@ pipeline, so there is no resize/pad transform inside the model.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -19,7 +21,7 @@ from core.vit import preset
 from detection.backbone import GLOBAL_BLOCKS, ViTDetBackbone
 from detection.heads import L1RPN, L1RoIHeads, LevelRoIAlign
 from detection.pyramid import BackboneWithPyramid, LayerNorm2d
-from tools.convert import read_backbone
+from tools.convert import read_backbone, shape_adapters
 
 
 class ViTDetMaskRCNN(nn.Module):
@@ -109,7 +111,14 @@ def load_pretrained(model: ViTDetMaskRCNN, path: str) -> ckpt.LoadReport:
     vit = model.backbone.net
     unused = [k for k in sd if k == "cls_token" or k.startswith("norm.")]
     sd = {k: v for k, v in sd.items() if k not in unused}
-    report = ckpt.load_weights(vit, sd, source=str(path), allow_missing=lambda k: k.endswith(EXPECTED_NEW))
+    grid = math.isqrt(vit.pos_embed.shape[1] - 1)  # the pretraining grid the backbone keeps
+    report = ckpt.load_weights(
+        vit,
+        sd,
+        source=str(path),
+        adapters=shape_adapters((grid, grid), vit.patch_size),
+        allow_missing=lambda k: k.endswith(EXPECTED_NEW),
+    )
     report.unexpected += info.dropped + unused
     return report
 

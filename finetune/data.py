@@ -13,24 +13,46 @@ Nothing is downloaded; a missing or malformed layout is an error naming what was
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import torch
 from timm.data import create_transform
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 from core.data import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageFolder, open_rgb
 
 KINDS = ("imagenet", "folder", "cifar10", "cifar100", "flowers102", "cars", "inat2018", "inat2019")
 
 
+class SingleDrawResizedCrop(transforms.RandomResizedCrop):
+    """The random-resized crop of MAE's linear probe (its util/crop.py): area fraction and log aspect ratio
+    drawn once, the box clamped to the image; no retry loop and no centre-crop fallback (torchvision's
+    version tries ten times)."""
+
+    @staticmethod
+    def get_params(img, scale, ratio):
+        width, height = TF.get_image_size(img)
+        area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+        w = min(int(round(math.sqrt(area * aspect))), width)
+        h = min(int(round(math.sqrt(area / aspect))), height)
+        top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+        left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+        return top, left, h, w
+
+
 def train_transform(cfg, img_size: int):
     """MAE's fine-tuning augmentation through timm: RandomResizedCrop (bicubic), flip, RandAugment, random
-    erasing; the linear probe uses RandomResizedCrop + flip only."""
+    erasing; the linear probe uses MAE's single-draw resized crop + flip only."""
     a = cfg.aug
+    scale = tuple(a.crop_scale)
     if cfg.task == "linprobe":
         return transforms.Compose(
             [
-                transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                SingleDrawResizedCrop(img_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
                 transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(),
                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -39,6 +61,7 @@ def train_transform(cfg, img_size: int):
     return create_transform(
         input_size=img_size,
         is_training=True,
+        scale=scale,
         color_jitter=None,
         auto_augment=a.auto_augment or None,
         interpolation="bicubic",
@@ -74,8 +97,14 @@ class JsonImages:
             self.num_classes = len(d["categories"])
         except FileNotFoundError:
             raise DataError(f"data.root: {json_path} does not exist (iNaturalist layout)") from None
-        except (KeyError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise DataError(f"{json_path}: not an iNaturalist annotation file ({type(e).__name__}: {e})") from None
+        bad = [c for _, c in self.samples if not 0 <= c < self.num_classes]
+        if bad:
+            raise DataError(
+                f"{json_path}: category ids must be 0..{self.num_classes - 1} (the number of categories); "
+                f"found e.g. {bad[:5]}"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -86,6 +115,12 @@ class JsonImages:
 
 
 def _torchvision(cls, root: Path, what: str, **kw):
+    if cls.__name__ in ("Flowers102", "StanfordCars"):
+        try:
+            import scipy.io  # noqa: F401 - torchvision reads their .mat annotations with it
+        except ImportError:
+            msg = f"data.kind: the {what} annotations are MATLAB files, read with scipy: pip install scipy"
+            raise DataError(msg) from None
     try:
         return cls(str(root), download=False, **kw)
     except (RuntimeError, FileNotFoundError, OSError) as e:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from core import checkpoint as ckpt
-from core.vit import ViT, preset, resize_pos_embed
-from tools.convert import read_backbone
+from core.vit import ViT, preset
+from tools.convert import read_backbone, shape_adapters
 
 
 def build_classifier(cfg, num_classes: int) -> ViT:
@@ -27,17 +27,9 @@ def build_classifier(cfg, num_classes: int) -> ViT:
     return model
 
 
-def pos_embed_adapter(model: ViT):
-    def adapt(name, tensor, target):
-        if name == "pos_embed":
-            return resize_pos_embed(tensor, model.grid_size, num_prefix=1)
-        return None
-
-    return adapt
-
-
 def load_pretrained(model: ViT, path: str, head_init_std: float) -> ckpt.LoadReport:
-    """Encoder weights from `path` (position embedding resized to the model's grid); the head is new.
+    """Encoder weights from `path` (position embedding resized to the model's grid, patch kernel to its
+    patch size); the head is new.
 
     fc_norm / norm may be absent (a pretraining file has `norm`, a fine-tuned one `fc_norm`): they keep their
     initial values (LayerNorm 1/0), as in MAE. Anything else missing is an error."""
@@ -51,7 +43,7 @@ def load_pretrained(model: ViT, path: str, head_init_std: float) -> ckpt.LoadRep
         model,
         sd,
         source=str(path),
-        adapters=[pos_embed_adapter(model)],
+        adapters=shape_adapters(model.grid_size, model.patch_embed.patch_size[0]),
         allow_missing=lambda k: k.startswith(("head.", "fc_norm.", "norm.")),
     )
     report.unexpected += info.dropped

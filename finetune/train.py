@@ -23,7 +23,7 @@ from core import dist, engine
 from core.config import ConfigError, save_config, to_dict
 from core.data import Augmented, DataError, make_loader, sample_seed, seeded, train_eval_samplers
 from core.monitor import RunLogger, file_sha256, write_results
-from core.optim import param_groups, warmup_cosine
+from core.optim import no_weight_decay, param_groups, warmup_cosine
 from finetune.data import base_datasets, eval_transform, train_transform
 from finetune.evaluate import evaluate
 from finetune.model import build_classifier, freeze_for_linprobe, init_head, load_pretrained
@@ -38,6 +38,15 @@ def check(cfg: DictConfig, env: dist.DistEnv) -> dict:
         raise ConfigError(f"task must be one of {TASKS}, got {cfg.task!r}")
     if cfg.optim.name not in ("adamw", "lars"):
         raise ConfigError(f"optim.name must be adamw or lars, got {cfg.optim.name!r}")
+    if cfg.optim.name == "lars" and cfg.optim.weight_decay:
+        raise ConfigError(
+            f"optim.weight_decay={cfg.optim.weight_decay} with optim.name=lars: timm's LARS folds weight decay "
+            "into the trust ratio differently from MAE's; the MAE linear probe uses 0"
+        )
+    if cfg.optim.skip_decay not in ("standard", "none"):
+        raise ConfigError(f"optim.skip_decay must be standard or none, got {cfg.optim.skip_decay!r}")
+    if cfg.model.global_pool not in ("avg", "token"):
+        raise ConfigError(f"model.global_pool must be avg or token, got {cfg.model.global_pool!r}")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")
     try:
@@ -50,6 +59,9 @@ def check(cfg: DictConfig, env: dist.DistEnv) -> dict:
 
 
 def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
+    """AdamW over layer-decayed groups (MAE/dBOT `param_groups_lrd`: no weight decay on 1-D parameters nor on
+    `model.no_weight_decay()` = cls_token, pos_embed; `optim.skip_decay=none` decays everything, as the
+    authors' transfer script does by default), or LARS over the trainable head for the linear probe."""
     o = cfg.optim
     if o.name == "lars":  # MAE's LARS: trust-ratio adaptation and weight decay on matrices only
         matrices = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -63,8 +75,15 @@ def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
             momentum=0.9,
             trust_coeff=0.001,
         )
+    standard = o.skip_decay == "standard"
     groups = param_groups(
-        model, o.weight_decay, layer_decay=o.layer_decay, layer_id=model.layer_id, num_layers=model.num_layers
+        model,
+        o.weight_decay,
+        layer_decay=o.layer_decay,
+        layer_id=model.layer_id,
+        num_layers=model.num_layers,
+        skip_decay=no_weight_decay if standard else (lambda name, p: False),
+        extra_no_decay=tuple(model.no_weight_decay()) if standard else (),
     )
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas))
 

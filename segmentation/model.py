@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import checkpoint as ckpt
-from core.vit import preset, resize_pos_embed
+from core.vit import preset
 from segmentation.backbone import SegViT
 from segmentation.upernet import FCNHead, UPerHead, resize
-from tools.convert import read_backbone
+from tools.convert import read_backbone, shape_adapters
 
 IGNORE = 255
 # parameters a pretraining checkpoint does not have: they start from their initial values
@@ -114,14 +114,11 @@ def load_pretrained(model: Segmentor, path: str) -> ckpt.LoadReport:
     dropped = [k for k in sd if k.startswith("norm.")]
     sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
 
-    def pos_embed(name, tensor, target):
-        return resize_pos_embed(tensor, backbone.grid_size) if name == "pos_embed" else None
-
     report = ckpt.load_weights(
         backbone,
         sd,
         source=str(path),
-        adapters=[pos_embed],
+        adapters=shape_adapters(backbone.grid_size, backbone.patch_embed.patch_size[0]),
         allow_missing=lambda k: any(s in k for s in NEW_PARAMS),
     )
     missing_new = [k for k in backbone.state_dict() if k not in report.loaded and any(s in k for s in NEW_PARAMS)]

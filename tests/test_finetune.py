@@ -5,15 +5,19 @@ import shutil
 
 import pytest
 import torch
-from conftest import finetune_config
+from conftest import REPO, finetune_config
+from PIL import Image
 from timm.optim import param_groups_layer_decay
 
 from core import checkpoint as ckpt
-from core.config import ConfigError
-from core.optim import param_groups
+from core.config import ConfigError, load_config
+from core.data import DataError
 from core.vit import build_vit
+from finetune.data import JsonImages, SingleDrawResizedCrop
 from finetune.evaluate import topk_correct
 from finetune.train import build_optimizer, run
+
+CONFIGS = REPO / "finetune" / "configs"
 
 
 def test_topk_on_hand_made_logits():
@@ -31,8 +35,8 @@ def test_topk_on_hand_made_logits():
 def test_vit_b_layer_decay_groups_follow_the_published_rule_and_match_timm():
     with torch.device("meta"):
         model = build_vit("base", num_classes=1000, global_pool="avg")
-    decay, layers = 0.65, model.num_layers  # 13
-    ours = param_groups(model, 0.05, layer_decay=decay, layer_id=model.layer_id, num_layers=layers)
+    decay = 0.65  # 13 layer ids: embedding 0, blocks 1-12, head 13
+    ours = build_optimizer(load_config(CONFIGS, "base"), model).param_groups
     by_name = {n: g for g in ours for n in g["names"]}
     assert len(by_name) == sum(1 for p in model.parameters() if p.requires_grad)
     for name, p in model.named_parameters():
@@ -44,13 +48,59 @@ def test_vit_b_layer_decay_groups_follow_the_published_rule_and_match_timm():
         )
         assert g["layer_id"] == expect_id, name
         assert g["lr_scale"] == pytest.approx(decay ** (13 - expect_id)), name
-        assert g["weight_decay"] == (0.0 if p.ndim == 1 else 0.05), name
-    # timm's param_groups_layer_decay gives every parameter the same scale (for the avg-pool model, whose
-    # `norm` is an Identity); its weight-decay rule additionally exempts cls_token/pos_embed
+        # released rule (MAE/dBOT param_groups_lrd): no decay on 1-D tensors nor on no_weight_decay() names
+        assert g["weight_decay"] == (0.0 if p.ndim == 1 or name in ("cls_token", "pos_embed") else 0.05), name
+    # timm's param_groups_layer_decay gives every parameter the same scale and decay (for the avg-pool model,
+    # whose `norm` is an Identity)
     theirs = param_groups_layer_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=decay)
-    timm_scale = {id(p): g["lr_scale"] for g in theirs for p in g["params"]}
+    timm_scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in theirs for p in g["params"]}
     for name, p in model.named_parameters():
-        assert timm_scale[id(p)] == pytest.approx(by_name[name]["lr_scale"]), name
+        g = by_name[name]
+        assert timm_scale[id(p)] == (pytest.approx(g["lr_scale"]), g["weight_decay"]), name
+
+
+def test_the_optimizer_of_each_task_follows_its_script():
+    with torch.device("meta"):
+        model = build_vit("tiny", num_classes=4, global_pool="token")
+    for recipe, exempt in (("tiny", {"cls_token", "pos_embed", "bias", "1-D"}), ("transfer_base", set())):
+        cfg = load_config(CONFIGS, recipe, ["model.size=tiny"])
+        opt = build_optimizer(cfg, model)
+        no_decay = {n for g in opt.param_groups if g["weight_decay"] == 0 for n in g["names"]}
+        if exempt:  # fine-tuning (main_finetune.py): 1-D tensors, cls_token, pos_embed
+            assert no_decay == {n for n, p in model.named_parameters() if p.ndim == 1} | {"cls_token", "pos_embed"}
+        else:  # transfer (evaluation/eval_cls.py, disable_weight_decay_* flags off): every tensor decays
+            assert no_decay == set() and cfg.optim.layer_decay == 1.0
+
+
+PUBLISHED = {  # RECIPES.md section 3: epochs, blr, layer decay, drop path, grad clip, warmup epochs, img size
+    "base": (100, 3e-4, 0.65, 0.1, None, 5, None),
+    "large": (50, 3e-4, 0.75, 0.25, 1.0, 5, None),
+    "huge": (50, 3e-4, 0.75, 0.3, None, 5, None),
+    "huge448": (10, 7e-5, 0.9, 0.4, None, 2, 448),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PUBLISHED))
+def test_imagenet_recipes_are_the_published_ones(recipe):
+    c = load_config(CONFIGS, recipe)
+    epochs, blr, decay, drop_path, clip, warmup, img = PUBLISHED[recipe]
+    assert (c.epochs, c.optim.blr, c.optim.layer_decay, c.model.drop_path) == (epochs, blr, decay, drop_path)
+    assert (c.optim.clip_grad, c.optim.warmup_epochs, c.model.img_size) == (clip, warmup, img)
+    assert (c.optim.global_batch, c.optim.lr, c.optim.min_lr, c.optim.weight_decay) == (1024, None, 1e-6, 0.05)
+    assert (c.model.global_pool, c.model.head_init_std) == ("avg", 0.01)
+    a = c.aug
+    assert (a.auto_augment, a.smoothing, a.reprob, a.mixup, a.cutmix) == ("rand-m9-mstd0.5-inc1", 0.1, 0.25, 0.8, 1.0)
+
+
+def test_linear_probe_crop_is_one_draw_inside_the_image():
+    torch.manual_seed(0)
+    img = Image.new("RGB", (40, 30))
+    for _ in range(300):
+        top, left, h, w = SingleDrawResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top <= 30 - h and 0 <= left <= 40 - w and 1 <= h <= 30 and 1 <= w <= 40
+    # the whole image at its own aspect ratio; a box wider than the image is clamped, not redrawn
+    assert SingleDrawResizedCrop.get_params(img, (1.0, 1.0), (4 / 3, 4 / 3)) == (0, 0, 30, 40)
+    assert SingleDrawResizedCrop.get_params(img, (1.0, 1.0), (4.0, 4.0))[2:] == (17, 40)
 
 
 def test_timm_lars_matches_maes_lars_step():
@@ -104,6 +154,7 @@ def test_linear_probe_trains_only_the_head(tiny_imagenet, tiny_pretrained, tmp_p
             f"checkpoint={tiny_pretrained}",
             "task=linprobe",
             "optim.name=lars",
+            "optim.weight_decay=0",
             "optim.lr=0.1",
             "optim.layer_decay=1.0",
             "model.global_pool=token",
@@ -144,6 +195,25 @@ def test_unknown_checkpoint_layout_lists_what_was_found(tiny_imagenet, tmp_path)
     path = ckpt.save({"weights": {"conv1.weight": torch.ones(1)}}, tmp_path / "resnet.pth")
     with pytest.raises(ckpt.CheckpointError, match="found top-level keys \\['weights'\\]"):
         run(finetune_config(tiny_imagenet, tmp_path / "o", f"checkpoint={path}"))
+
+
+def test_lars_with_weight_decay_is_refused(tiny_imagenet, tmp_path):
+    with pytest.raises(ConfigError, match="optim.weight_decay=0.05 with optim.name=lars"):
+        run(finetune_config(tiny_imagenet, tmp_path / "o", "task=linprobe", "optim.name=lars"))
+
+
+def test_inat_category_ids_out_of_range_are_named(tmp_path):
+    d = {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": [{"image_id": 1, "category_id": 0}, {"image_id": 2, "category_id": 7}],
+        "categories": [{"id": 0}, {"id": 1}],
+    }
+    (tmp_path / "train2018.json").write_text(json.dumps(d))
+    with pytest.raises(DataError, match="train2018.json: category ids must be 0..1 .*found e.g. \\[7\\]"):
+        JsonImages(tmp_path, tmp_path / "train2018.json")
+    (tmp_path / "val2018.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match="val2018.json: not an iNaturalist annotation file .*KeyError"):
+        JsonImages(tmp_path, tmp_path / "val2018.json")
 
 
 def test_unknown_dataset_kind(tiny_imagenet, tmp_path):
