@@ -223,8 +223,19 @@ class ShardedSampler(Sampler):
             yield self.epoch, int(i)
 
 
-def make_loader(dataset, sampler: ShardedSampler, *, workers: int, device: torch.device, drop_last: bool):
-    """The DataLoader every task uses: keys from `sampler`, corrupt samples dropped by `collate_skip`."""
+def make_loader(
+    dataset,
+    sampler: ShardedSampler,
+    *,
+    workers: int,
+    device: torch.device,
+    drop_last: bool,
+    collate_fn: Callable = collate_skip,
+    generator: torch.Generator | None = None,
+):
+    """The DataLoader every task uses: keys from `sampler`, corrupt samples dropped by `collate_skip` (or
+    another `collate_fn`). With a `generator`, starting an iterator (which draws the workers' base seed) does
+    not consume the global RNG, so a run resumed mid-epoch draws what an uninterrupted one would."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -234,6 +245,7 @@ def make_loader(dataset, sampler: ShardedSampler, *, workers: int, device: torch
         num_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
-        collate_fn=collate_skip,
+        collate_fn=collate_fn,
         persistent_workers=workers > 0,
+        generator=generator,
     )
