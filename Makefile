@@ -30,13 +30,15 @@ endif
 
 PRETRAIN_DATA = $(if $(DATA),$(DATA),$(TINY)/imagenet)
 TINY_DEPS     = $(if $(DATA),,$(TINY)/imagenet/.done)
+COCO_DATA     = $(if $(DATA),$(DATA),$(TINY)/coco)
+COCO_DEPS     = $(if $(DATA),,$(TINY)/coco/.done)
 # Downstream tasks start from CKPT, by default the final-stage student of the tiny pretraining run
 # (made by `make pretrain` if absent).
 TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain finetune convert test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune convert coco test test-all lint format bench clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
@@ -68,6 +70,11 @@ $(TINY)/imagenet/.done: tools/datasets.py | $(VENV)/.installed
 	$(PY) -m tools.datasets imagenet --out $(TINY)/imagenet
 	@touch $@
 
+$(TINY)/coco/.done: tools/datasets.py | $(VENV)/.installed
+	rm -rf $(TINY)/coco
+	$(PY) -m tools.datasets coco --out $(TINY)/coco
+	@touch $@
+
 $(TINY_CKPT): | $(VENV)/.installed
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 
@@ -81,6 +88,9 @@ pretrain: venv $(TINY_DEPS) ## dBOT pretraining (tiny data by default; DATA=imag
 
 finetune: venv $(TINY_DEPS) $(CKPT_DEPS) ## ImageNet fine-tuning (tiny by default; DATA=imagenet MODEL=base CKPT=...; MODEL=linprobe_base ...)
 	$(LAUNCH) finetune -c $(MODEL) data.root=$(PRETRAIN_DATA) checkpoint=$(START_CKPT) out=$(RUNS)/finetune-$(MODEL) $(ARGS)
+
+coco: venv $(COCO_DEPS) $(CKPT_DEPS) ## COCO Mask R-CNN, ViTDet backbone (tiny by default; DATA=coco MODEL=base CKPT=... NGPUS=8 NNODES=8)
+	$(LAUNCH) detection -c $(MODEL) data.root=$(COCO_DATA) checkpoint=$(START_CKPT) out=$(RUNS)/coco-$(MODEL) $(ARGS)
 
 convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmseg|mmpretrain|backbone [OUT=...]
 	$(PY) -m tools.convert $(START_CKPT) $(if $(OUT),$(OUT),$(basename $(START_CKPT))-$(TO).pth) --to $(TO) $(if $(filter-out tiny,$(MODEL)),--model $(MODEL),)

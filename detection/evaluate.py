@@ -40,8 +40,9 @@ def to_coco_results(det: dict, image_id: int, label_to_cat: dict) -> list[dict]:
 
 
 def coco_eval(gt: COCO, results: list[dict], iou_type: str, backend: str = "pycocotools", image_ids=None) -> dict:
-    """AP, AP50, AP75, APs, APm, APl (x100, as COCO reports them) of `results` against `gt` for iou_type "bbox"
-    or "segm", over `image_ids` (default: every image of `gt`). No results gives zeros."""
+    """AP, AP50, AP75, APs, APm, APl (x100, as COCO reports them; None for an area range without ground truth) of
+    `results` against `gt` for iou_type "bbox" or "segm", over `image_ids` (default: every image of `gt`). No
+    results gives zeros."""
     if backend not in BACKENDS:
         raise ValueError(f"eval.backend must be one of {BACKENDS}, got {backend!r}")
     if not results:
@@ -62,7 +63,8 @@ def coco_eval(gt: COCO, results: list[dict], iou_type: str, backend: str = "pyco
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {k: float(100 * v) for k, v in zip(STATS, evaluator.stats[:6])}
+    # COCO marks an area range without ground truth with -1: reported as None
+    return {k: float(100 * v) if v >= 0 else None for k, v in zip(STATS, evaluator.stats[:6])}
 
 
 @torch.no_grad()

@@ -144,7 +144,7 @@ class PretrainedLoad:
 
     def summary(self) -> str:
         rel = [k for k in self.new if k.endswith(REL_POS)]
-        lines = [self.report.summary().replace("\nmissing", "\nmissing (unexpected!)")]
+        lines = [self.report.summary()]
         lines.append(
             f"new, as expected: {len(rel)} relative-position tables, "
             f"{len(self.new) - len(rel)} pyramid/RPN/RoI-head tensors"

@@ -246,7 +246,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
             sums, micro, seen, t0 = {}, 0, 0, time.time()
         if cfg.eval.every and it % cfg.eval.every == 0 and it < o.iters:
             metrics = evaluate(model, val_loader, val_set, device, engine.autocast(amp, device), cfg.eval.backend)
-            log.log(it, **{f"{t}_{k}": v for t in ("bbox", "segm") for k, v in metrics[t].items()})
+            log.log(it, **ap_scalars(metrics))
             log.write(f"iteration {it}: box AP {metrics['bbox']['AP']:.2f}, mask AP {metrics['segm']['AP']:.2f}")
             t0 = time.time()
         stopping = cfg.max_iters is not None and it >= cfg.max_iters and it < o.iters
@@ -260,7 +260,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     t_eval = time.time()
     metrics = evaluate(model, val_loader, val_set, device, engine.autocast(amp, device), cfg.eval.backend)
     eval_ips = metrics["images"] / max(time.time() - t_eval, 1e-9)
-    log.log(stepper.step_count, **{f"{t}_{k}": v for t in ("bbox", "segm") for k, v in metrics[t].items()})
+    log.log(stepper.step_count, **ap_scalars(metrics))
     log.close()
     results = {
         "model": cfg.model.size,
@@ -288,6 +288,10 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
             f"results in {out / 'results.json'}"
         )
     return results
+
+
+def ap_scalars(metrics: dict) -> dict:
+    return {f"{t}_{k}": v for t in ("bbox", "segm") for k, v in metrics[t].items() if v is not None}
 
 
 def save_last(cfg, model, stepper, train_set, out: Path, env) -> None:
