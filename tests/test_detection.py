@@ -4,19 +4,22 @@ data, training, resume and bad input."""
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import detection_config
+from conftest import REPO, detection_config
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from timm.models.vision_transformer_sam import Block, get_decomposed_rel_pos_bias, window_partition, window_unpartition
 
 from core import checkpoint as ckpt
-from core.config import ConfigError
+from core.config import ConfigError, save_config
 from core.data import CorruptImageError
 from core.optim import warmup_step
 from core.vit import build_vit
@@ -28,6 +31,14 @@ from detection.model import build_detector, load_pretrained, to_original
 from detection.pyramid import SimpleFeaturePyramid
 from detection.train import build_optimizer, run
 from tools.datasets import make_coco, rle_counts
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------- backbone
@@ -247,6 +258,22 @@ def test_ground_truth_fed_back_as_detections_gives_ap_100(tiny_coco):
     assert coco_eval(gt, relabelled, "segm")["AP"] == pytest.approx(0.0)
 
 
+def test_faster_coco_eval_gives_the_pycocotools_numbers(tiny_coco):
+    pytest.importorskip("faster_coco_eval")
+    gt = COCO(str(tiny_coco / "annotations" / "instances_val2017.json"))
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for a in gt.dataset["annotations"]:  # ground truth, jittered and scored at random
+        x, y, w, h = (v + 2 * float(torch.randn((), generator=g)) for v in a["bbox"])
+        rle = gt.annToRLE(a)
+        rle["counts"] = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
+        score = float(torch.rand((), generator=g))
+        results.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [x, y, w, h]})
+        results[-1].update(score=score, segmentation=rle)
+    for iou_type in ("bbox", "segm"):
+        assert coco_eval(gt, results, iou_type, "faster") == pytest.approx(coco_eval(gt, results, iou_type))
+
+
 def test_detections_are_mapped_back_to_the_original_image():
     det = {
         "boxes": torch.tensor([[10.0, 20.0, 30.0, 28.0]]),
@@ -372,6 +399,26 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_coco, tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert [r["loss"] for r in metric_rows(tmp_path / "a")][4:] == [r["loss"] for r in metric_rows(tmp_path / "b")][4:]
+
+
+@pytest.mark.dist
+def test_two_processes_with_accumulation_train_and_score_every_image_once(tiny_coco, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = detection_config(tiny_coco, out, "data.batch_per_gpu=2", "optim.global_batch=8", "eval.every=3")
+    save_config(cfg, tmp_path / "recipe.yaml")  # 2 processes x 2 images x 2 accumulation steps
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        + ["-m", "detection", "-c", str(tmp_path / "recipe.yaml")],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["eval_images"] == 8 and saved["iterations"] == 6
+    assert ckpt.load(out / "checkpoint-last.pth")["stepper"]["step"] == 6
+    assert any("bbox_AP" in line for line in (out / "metrics.jsonl").read_text().splitlines()[:-1])  # eval.every
 
 
 # ------------------------------------------------------------------------------------------- bad input
