@@ -75,10 +75,9 @@ def predict_coco(model, loader, label_to_cat: dict, device, autocast) -> tuple[l
     for images, _, metas in loader:
         with autocast:
             detections = model.predict(images.to(device, non_blocking=True), [m["size"] for m in metas])
-        detections = [
-            {k: v.cpu().float() if v.is_floating_point() else v.cpu() for k, v in d.items()} for d in detections
-        ]
-        for det, meta in zip(to_original(detections, metas), metas):
+        detections = [{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in detections]
+        for det, meta in zip(to_original(detections, metas), metas):  # masks pasted on the model's device
+            det = {k: v.cpu() for k, v in det.items()}
             results.extend(to_coco_results(det, meta["image_id"], label_to_cat))
             image_ids.append(meta["image_id"])
     return results, image_ids

@@ -188,12 +188,12 @@ def to_original(detections: list[dict], metas: list[dict], mask_threshold: float
     out = []
     for det, meta in zip(detections, metas):
         (h, w), (rh, rw) = meta["orig_size"], meta["size"]
-        boxes = det["boxes"] * torch.tensor([w / rw, h / rh, w / rw, h / rh], dtype=det["boxes"].dtype)
+        boxes = det["boxes"] * det["boxes"].new_tensor([w / rw, h / rh, w / rw, h / rh])
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
         if len(boxes):
             masks = paste_masks_in_image(det["masks"], boxes, (h, w))[:, 0] >= mask_threshold
         else:
-            masks = torch.zeros(0, h, w, dtype=torch.bool)
+            masks = torch.zeros(0, h, w, dtype=torch.bool, device=boxes.device)
         out.append({"boxes": boxes, "scores": det["scores"], "labels": det["labels"], "masks": masks})
     return out
