@@ -37,7 +37,8 @@ class Anchors(AnchorGenerator):
         ratios = torch.as_tensor(aspect_ratios, dtype=torch.float64)
         ws = (scales[None, :] / ratios.sqrt()[:, None]).reshape(-1)
         hs = (scales[None, :] * ratios.sqrt()[:, None]).reshape(-1)
-        return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).to(dtype=dtype, device=device or "cpu")
+        anchors = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        return anchors.to(dtype=dtype) if device is None else anchors.to(dtype=dtype, device=device)
 
 
 def assign_levels(

@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from timm.models.vision_transformer_sam import Block, get_decomposed_rel_pos_bias, window_partition, window_unpartition
 
 from core import checkpoint as ckpt
-from core.config import ConfigError, save_config
+from core.config import ConfigError, load_config, save_config
 from core.data import CorruptImageError
 from core.optim import warmup_step
 from core.vit import build_vit
@@ -128,6 +128,15 @@ def test_pyramid_strides_and_channels():
     assert not any(m.bias is not None for m in tiny.modules() if isinstance(m, torch.nn.Conv2d))
     with pytest.raises(ValueError, match="power-of-two patch size"):
         SimpleFeaturePyramid(1280, patch_size=14)
+
+
+@pytest.mark.parametrize("recipe,published", [("base", 111), ("large", 331), ("huge", 662)])
+def test_parameter_counts_match_the_vitdet_paper(recipe, published):
+    """Mask R-CNN with 80 classes: 111M / 331M / 662M parameters (ViTDet paper, B / L / H)."""
+    cfg = load_config(REPO / "detection" / "configs", recipe)
+    with torch.device("meta"):
+        model = build_detector(cfg, num_classes=80)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(published, rel=0.005)
 
 
 def test_pooler_level_assignment_follows_the_canonical_rule():
