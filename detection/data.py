@@ -178,6 +178,11 @@ class CocoInstances(Dataset):
         i, img = self._open(i)
         info, s = self.images[i], self.img_size
         w, h = img.size
+        if self.train and (w, h) != (info["width"], info["height"]):
+            raise DataError(
+                f"{self.img_dir / info['file_name']}: decoded size {w}x{h} differs from the annotation file's "
+                f"{info['width']}x{info['height']} ({self.ann_path}), so its masks would not line up"
+            )
         if self.train:
             with seeded(sample_seed(self.seed, epoch, i)):
                 img, masks = lsj(img, self.anns[i], s, self.scale_range)

@@ -81,8 +81,8 @@ def check(cfg: DictConfig, env: dist.DistEnv) -> dict:
             import faster_coco_eval  # noqa: F401
         except ImportError:
             raise ConfigError("eval.backend=faster needs faster-coco-eval (pip install faster-coco-eval)") from None
-    lo, hi = cfg.data.scale_range
-    if not 0 < lo <= hi:
+    scales = list(cfg.data.scale_range)
+    if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
         raise ConfigError(f"data.scale_range must be 0 < low <= high, got {list(cfg.data.scale_range)}")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")

@@ -15,13 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, detection_config
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from timm.models.vision_transformer_sam import Block, get_decomposed_rel_pos_bias, window_partition, window_unpartition
 
 from core import checkpoint as ckpt
 from core.config import ConfigError, load_config, save_config
-from core.data import CorruptImageError
+from core.data import CorruptImageError, DataError
 from core.optim import warmup_step
 from core.vit import build_vit
 from detection.backbone import ViTDetBackbone, abs_pos
@@ -345,8 +346,6 @@ def square_annotation(kind: str, h: int, w: int) -> dict:
 
 
 def test_lsj_keeps_boxes_masks_and_pixels_consistent():
-    from PIL import Image
-
     h, w = 40, 50
     pixels = np.zeros((h, w, 3), np.uint8)
     pixels[6:22, 10:30] = 255  # the annotated square is the only bright region
@@ -512,6 +511,15 @@ def test_undecodable_image_is_named_or_skipped(tiny_coco, tmp_path):
     with pytest.warns(UserWarning, match=ds.images[0]["file_name"]):
         x, _, meta = skipping[0]
     assert meta["image_id"] == ds.images[1]["id"]
+
+
+def test_image_whose_size_disagrees_with_the_annotations_is_named(tiny_coco, tmp_path):
+    root = copy_coco(tiny_coco, tmp_path / "c")
+    ds = CocoInstances(root, "train", train=True, img_size=32)
+    name = ds.images[0]["file_name"]
+    Image.new("RGB", (7, 5)).save(root / "train2017" / name)
+    with pytest.raises(DataError, match=f"{name}: decoded size 7x5 differs"):
+        ds[0]
 
 
 def test_bad_options_are_named(tiny_coco, tmp_path):
