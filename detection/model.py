@@ -150,7 +150,8 @@ class PretrainedLoad:
             f"{len(self.new) - len(rel)} pyramid/RPN/RoI-head tensors"
         )
         if self.dropped:
-            lines.append(f"not used by ViTDet ({len(self.dropped)}): " + ", ".join(self.dropped[:8]) + " ...")
+            more = " ..." if len(self.dropped) > 8 else ""
+            lines.append(f"not used by ViTDet ({len(self.dropped)}): " + ", ".join(self.dropped[:8]) + more)
         return "\n".join(lines)
 
 
