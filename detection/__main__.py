@@ -1,4 +1,4 @@
-"""`python -m detection -c RECIPE [key=value ...]`: COCO Mask R-CNN with a ViTDet backbone."""
+"""`python -m detection -c RECIPE [key=value ...]`: COCO Mask R-CNN with a ViTDet backbone (see detection/configs/)."""
 
 from pathlib import Path
 

@@ -1,15 +1,17 @@
-"""The ViTDet backbone (Li et al. 2022, detectron2 `modeling/backbone/vit.py`): a plain ViT on the detection
-resolution with window attention in all blocks but a few global ones, decomposed relative position tables
-(zero-initialised, in every block), the absolute position embedding kept at the pretraining grid and
-bicubically interpolated to the input grid at every forward, drop path, and no final norm.
+"""The ViTDet backbone (Li et al. 2022; detectron2 `modeling/backbone/vit.py`): a plain ViT run at the detection
+resolution, window attention in all blocks but a few global ones (windows zero-padded), decomposed relative
+position tables in every block (zero-initialised), the absolute position embedding kept at the pretraining grid
+and bicubically interpolated to the token grid at every forward, linearly increasing drop path, and no final norm.
 
-The blocks are timm's SAM-style blocks (`timm.models.vision_transformer_sam.Block`), which have exactly this
-structure; parameter names stay timm/MAE's (`patch_embed.proj`, `pos_embed`, `blocks.N.attn.qkv`, ...) plus
-`blocks.N.attn.rel_pos_h/rel_pos_w`, so pretrained ViT checkpoints load as they are.
+The blocks are timm's SAM-style `Block` (`timm.models.vision_transformer_sam`), which computes exactly ViTDet's
+block; what timm's SAM model does differently (a position embedding stored at the full token grid, LayerNorm eps
+1e-5) lives in this file instead. Parameter names are timm/MAE's (`patch_embed.proj`, `pos_embed`,
+`blocks.N.attn.qkv`, ...) plus `blocks.N.attn.rel_pos_h/rel_pos_w`, so pretrained ViT weights load as they are.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -17,10 +19,11 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, calculate_drop_path_rates
 from timm.models.vision_transformer_sam import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from core.vit import init_module
 
-# global-attention blocks per size (RECIPES.md 4); tiny: its 2nd and 4th of 4 blocks
+# Global-attention blocks per size (RECIPES.md 4); tiny (4 blocks) mirrors the pattern with its 2nd and 4th.
 GLOBAL_BLOCKS = {
     "tiny": (1, 3),
     "small": (2, 5, 8, 11),
@@ -31,31 +34,32 @@ GLOBAL_BLOCKS = {
 
 
 def abs_pos(pos_embed: torch.Tensor, hw: tuple[int, int], has_cls: bool = True) -> torch.Tensor:
-    """The pretraining position embedding `[1, (1 +) g*g, C]` at grid `hw`: cls entry dropped, bicubically
-    interpolated (align_corners False) when the grid differs. Returns `[1, H, W, C]`."""
+    """The position embedding `[1, (1 +) g*g, C]` of the pretraining grid at token grid `hw`: the cls entry
+    dropped, bicubic interpolation (align_corners False) when the grids differ. Returns `[1, H, W, C]`."""
     if has_cls:
         pos_embed = pos_embed[:, 1:]
-    g = int(round(pos_embed.shape[1] ** 0.5))
+    g = math.isqrt(pos_embed.shape[1])
     grid = pos_embed.reshape(1, g, g, -1)
-    if (g, g) != tuple(hw):
-        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=tuple(hw), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1)
-    return grid
+    if (g, g) == tuple(hw):
+        return grid
+    grid = F.interpolate(grid.permute(0, 3, 1, 2), size=tuple(hw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1)
 
 
 class ViTDetBackbone(nn.Module):
-    """images `[N, 3, H, W]` -> last-block features `[N, C, H/p, W/p]`.
+    """images `[N, 3, H, W]` (H, W multiples of the patch size) -> last-block map `[N, C, H/p, W/p]`.
 
-    pretrain_img_size / patch_size fix the grid of the (pretrained) absolute position embedding;
-    img_size is the detection resolution, which sizes the relative position tables of the global blocks.
+    img_size: the detection input size; it sizes the relative-position tables of the global blocks (window
+    blocks have `2 * window - 1` entries). pos_grid: side of the pretraining position grid (224 / 16 = 14 for
+    B and L, 224 / 14 = 16 for H/14, 8 for tiny); the embedding keeps a cls entry, as the checkpoints do.
     """
 
     def __init__(
         self,
         *,
         img_size: int = 1024,
-        pretrain_img_size: int = 224,
         patch_size: int = 16,
+        pos_grid: int = 14,
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
@@ -63,23 +67,24 @@ class ViTDetBackbone(nn.Module):
         drop_path_rate: float = 0.1,
         window_size: int = 14,
         global_blocks=(2, 5, 8, 11),
+        grad_checkpoint: bool = False,
     ):
         super().__init__()
-        self.patch_size, self.embed_dim = patch_size, embed_dim
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+        self.patch_size, self.embed_dim, self.img_size = patch_size, embed_dim, img_size
+        self.global_blocks = tuple(global_blocks)
+        self.grad_checkpoint = grad_checkpoint
         self.patch_embed = PatchEmbed(
             img_size=img_size,
             patch_size=patch_size,
-            in_chans=3,
             embed_dim=embed_dim,
             strict_img_size=False,
             output_fmt="NHWC",
         )
-        pretrain_grid = pretrain_img_size // patch_size
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pretrain_grid * pretrain_grid, embed_dim))
-        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, embed_dim))
         grid = img_size // patch_size
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        self.global_blocks = tuple(global_blocks)
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
@@ -87,7 +92,7 @@ class ViTDetBackbone(nn.Module):
                 mlp_ratio=mlp_ratio,
                 qkv_bias=True,
                 drop_path=dpr[i],
-                norm_layer=norm,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
                 use_rel_pos=True,
                 window_size=0 if i in self.global_blocks else window_size,
                 input_size=(grid, grid),
@@ -98,19 +103,23 @@ class ViTDetBackbone(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
+        """Random init for runs without pretrained weights (MAE's scheme; rel-pos tables stay zero)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
             init_module(m)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
 
+    # ------------------------------------------------------------------------------------ interface
     @property
     def num_layers(self) -> int:
+        """Layer count for layer decay: embedding 0, block i -> i + 1; anything after the blocks is depth + 1."""
         return len(self.blocks) + 1
 
     def layer_id(self, name: str) -> int:
-        """detectron2's ViTDet rule: pos/patch embedding 0, block i -> i + 1 (within the backbone)."""
-        if name.startswith(("pos_embed", "patch_embed", "cls_token")):
+        """detectron2's `get_vit_lr_decay_rate` rule, names relative to this module."""
+        if name.startswith(("pos_embed", "patch_embed")):
             return 0
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
@@ -120,5 +129,5 @@ class ViTDetBackbone(nn.Module):
         x = self.patch_embed(images)  # [N, H, W, C]
         x = x + abs_pos(self.pos_embed, x.shape[1:3]).to(x.dtype)
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpoint and self.training else blk(x)
         return x.permute(0, 3, 1, 2)

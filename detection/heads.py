@@ -1,145 +1,188 @@
-"""The parts of torchvision's Mask R-CNN that ViTDet sets differently (RECIPES.md 4):
+"""The parts of torchvision's Mask R-CNN that ViTDet (detectron2) sets differently (RECIPES.md 4):
 
-- `LevelRoIAlign`: RoIAlign with aligned=True, adaptive sampling (ratio 0), fixed level scales 1/4..1/32 (not
-  inferred from image sizes), and the canonical FPN level rule k = floor(4 + log2(sqrt(area) / 224)) in [2, 5];
-- `L1RPN`: torchvision's RPN with an L1 box loss and detectron2's normaliser (256 x images for both terms);
-- `L1RoIHeads`: box and mask heads with an L1 box loss and mask targets cropped with aligned RoIAlign.
-Everything else (anchor matching, sampling, box coding, NMS, post-processing) is torchvision's.
+- `Anchors`: detectron2's `DefaultAnchorGenerator` (offset 0) does not round the cell anchors; torchvision does;
+- `LevelRoIAlign`: RoIAlign with aligned=True, adaptive sampling (ratio 0) and fixed level scales (torchvision's
+  `MultiScaleRoIAlign` has aligned=False, ratio 2, and infers the scales from unpadded image sizes), with the
+  canonical FPN level rule k = floor(k0 + log2(sqrt(area) / s0 + 1e-8)) clamped to the pooled levels;
+- `L1RPN`: L1 box loss (torchvision: smooth-L1 with beta 1/9), both terms summed and divided by
+  256 x images as detectron2 does;
+- `L1RoIHeads`: L1 box loss divided by the sampled RoIs, mask targets cropped with aligned RoIAlign and
+  thresholded at 0.5 (torchvision: aligned=False, soft targets);
+- predictor initialisation: N(0, 0.01) class scores, N(0, 0.001) box deltas and mask logits, zero biases;
+- RPN and box-predictor outputs in float32, so box arithmetic never runs in bf16 under autocast.
+
+Everything else (anchor matching, sampling, box coding, NMS, post-processing, mask pasting) is torchvision's.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
-from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import roi_align
-from torchvision.ops.poolers import LevelMapper
+
+
+class Anchors(AnchorGenerator):
+    """torchvision's generator with detectron2's cell anchors: size s, ratio r (h / w) -> w = s / sqrt(r),
+    h = s * sqrt(r), centred on the cell's top-left corner (offset 0), not rounded."""
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=None):
+        scales = torch.as_tensor(scales, dtype=torch.float64)
+        ratios = torch.as_tensor(aspect_ratios, dtype=torch.float64)
+        ws = (scales[None, :] / ratios.sqrt()[:, None]).reshape(-1)
+        hs = (scales[None, :] * ratios.sqrt()[:, None]).reshape(-1)
+        anchors = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        return anchors.to(dtype=dtype) if device is None else anchors.to(dtype=dtype, device=device)
+
+
+def assign_levels(
+    boxes: torch.Tensor, min_level: int, max_level: int, canonical_size: float, canonical_level: int
+) -> torch.Tensor:
+    """Pyramid level of each box `[R, 4]` (x0, y0, x1, y1) as an offset from `min_level` (detectron2's
+    `assign_boxes_to_levels`, Eqn. 1 of the FPN paper)."""
+    sizes = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size + 1e-8))
+    return levels.clamp(min_level, max_level).to(torch.int64) - min_level
 
 
 class LevelRoIAlign(nn.Module):
-    """features dict (levels p2..p5 used) + boxes per image -> `[R, C, output, output]`."""
+    """features (dict) + boxes per image -> `[R, C, output_size, output_size]` pooled from the map of each box's
+    level. `names`/`strides`: the pooled maps (ViTDet: p2-p5, strides 4-32). The canonical box size scales with
+    the backbone stride: 224 px at the stride-16 level for a /16 ViT (`canonical_stride` = patch size)."""
 
-    def __init__(
-        self,
-        output_size: int,
-        featmap_names=("p2", "p3", "p4", "p5"),
-        strides=(4, 8, 16, 32),
-        canonical_scale: int = 224,
-        canonical_level: int = 4,
-    ):
+    def __init__(self, output_size: int, names, strides, canonical_stride: int = 16):
         super().__init__()
         self.output_size = output_size
-        self.featmap_names = list(featmap_names)
+        self.names = list(names)
         self.scales = [1.0 / s for s in strides]
-        k_min = int(round(torch.log2(torch.tensor(float(strides[0]))).item()))
-        k_max = int(round(torch.log2(torch.tensor(float(strides[-1]))).item()))
-        self.mapper = LevelMapper(k_min, k_max, canonical_scale=canonical_scale, canonical_level=canonical_level)
+        self.min_level, self.max_level = int(math.log2(strides[0])), int(math.log2(strides[-1]))
+        self.canonical_level = int(math.log2(canonical_stride))
+        self.canonical_size = 224.0 * canonical_stride / 16
 
     def levels(self, boxes: list[torch.Tensor]) -> torch.Tensor:
-        """Pyramid level index (0 = the first feature map) of every box."""
-        return self.mapper(boxes)
+        return assign_levels(
+            torch.cat(boxes), self.min_level, self.max_level, self.canonical_size, self.canonical_level
+        )
 
     def forward(self, features: dict, boxes: list[torch.Tensor], image_shapes=None) -> torch.Tensor:
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], 0)
-        maps = [features[n] for n in self.featmap_names]
+        maps = [features[n] for n in self.names]
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         out = maps[0].new_zeros(rois.shape[0], maps[0].shape[1], self.output_size, self.output_size)
         if rois.shape[0] == 0:
             return out
-        lvl = self.levels(boxes)
+        levels = self.levels(boxes)
         for k, (fmap, scale) in enumerate(zip(maps, self.scales)):
-            idx = torch.where(lvl == k)[0]
+            idx = torch.where(levels == k)[0]
             if idx.numel():
+                # boxes stay float32 (bf16 would round coordinates to several pixels at 1024)
                 pooled = roi_align(
-                    fmap,
-                    rois[idx].to(fmap.dtype),
-                    self.output_size,
-                    spatial_scale=scale,
-                    sampling_ratio=0,
-                    aligned=True,
+                    fmap.to(rois.dtype), rois[idx], self.output_size, scale, sampling_ratio=0, aligned=True
                 )
                 out[idx] = pooled.to(out.dtype)
         return out
 
 
+class RPNHeadFP32(RPNHead):
+    """torchvision's RPN head with float32 outputs, so box decoding, matching and NMS stay in float32 under
+    bf16/fp16 autocast (the convs still run in low precision)."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class BoxPredictorFP32(FastRCNNPredictor):
+    """torchvision's class-score and box-delta layers with float32 outputs (see RPNHeadFP32)."""
+
+    def forward(self, x):
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
+
 class L1RPN(RegionProposalNetwork):
-    """RPN losses as detectron2 computes them for ViTDet: BCE over the sampled anchors and L1 over the sampled
-    positives, both summed and divided by batch_size_per_image x images."""
+    """RPN losses as detectron2 computes them: BCE over the sampled anchors and L1 over the sampled positives,
+    each summed and divided by batch_size_per_image x images."""
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         pos_masks, neg_masks = self.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(pos_masks))[0]
+        sampled = torch.cat([pos, torch.where(torch.cat(neg_masks))[0]])
         normalizer = self.fg_bg_sampler.batch_size_per_image * len(labels)
-        pos = torch.where(torch.cat(pos_masks, dim=0))[0]
-        sampled = torch.cat([pos, torch.where(torch.cat(neg_masks, dim=0))[0]])
-        objectness = objectness.flatten()
-        labels = torch.cat(labels, dim=0)
-        regression_targets = torch.cat(regression_targets, dim=0)
-        box_loss = F.l1_loss(pred_bbox_deltas[pos], regression_targets[pos], reduction="sum") / normalizer
-        cls_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled], reduction="sum")
-        return cls_loss / normalizer, box_loss
+        labels, targets = torch.cat(labels), torch.cat(regression_targets)
+        cls = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled], reduction="sum")
+        box = F.l1_loss(pred_bbox_deltas[pos], targets[pos], reduction="sum")
+        return cls / normalizer, box / normalizer
 
 
 class L1RoIHeads(RoIHeads):
-    """Box head + mask head (no keypoints) with ViTDet's losses."""
+    """Box and mask heads (no keypoints) with ViTDet's losses. Training returns ([], losses); inference
+    returns ([{boxes, labels, scores, masks (probabilities `[K, 1, M, M]`)}], {})."""
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
-        result, losses = [], {}
         if self.training:
-            losses["loss_classifier"], losses["loss_box_reg"] = l1_fastrcnn_loss(
-                class_logits, box_regression, labels, regression_targets
-            )
+            loss_cls, loss_box = fastrcnn_l1_loss(class_logits, box_regression, labels, regression_targets)
             pos = [torch.where(lab > 0)[0] for lab in labels]
-            mask_proposals = [p[i] for p, i in zip(proposals, pos)]
-            mask_logits = self.mask_predictor(
-                self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
+            mask_boxes = [p[i] for p, i in zip(proposals, pos)]
+            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
+            loss_mask = mask_loss(
+                mask_logits,
+                mask_boxes,
+                [t["masks"] for t in targets],
+                [lab[i] for lab, i in zip(labels, pos)],
+                [m[i] for m, i in zip(matched_idxs, pos)],
             )
-            gt_masks = [t["masks"] for t in targets]
-            gt_labels = [t["labels"] for t in targets]
-            matched = [m[i] for m, i in zip(matched_idxs, pos)]
-            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, gt_masks, gt_labels, matched)
-            return result, losses
+            return [], {"loss_classifier": loss_cls, "loss_box_reg": loss_box, "loss_mask": loss_mask}
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        result = [{"boxes": b, "labels": lab, "scores": s} for b, lab, s in zip(boxes, labels, scores)]
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
-        for probs, r in zip(maskrcnn_inference(mask_logits, labels), result):
-            r["masks"] = probs
-        return result, losses
+        masks = maskrcnn_inference(mask_logits, labels)
+        return [
+            {"boxes": b, "labels": lab, "scores": s, "masks": m} for b, lab, s, m in zip(boxes, labels, scores, masks)
+        ], {}
 
 
-def l1_fastrcnn_loss(class_logits, box_regression, labels, regression_targets):
+def fastrcnn_l1_loss(class_logits, box_regression, labels, regression_targets):
     """Cross-entropy over the sampled RoIs; class-specific L1 box loss over the foreground ones, divided by the
     number of sampled RoIs (detectron2's FastRCNNOutputLayers with smooth_l1_beta 0)."""
-    labels = torch.cat(labels, dim=0)
-    regression_targets = torch.cat(regression_targets, dim=0)
-    cls_loss = F.cross_entropy(class_logits, labels)
+    labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+    loss_cls = F.cross_entropy(class_logits, labels)
     pos = torch.where(labels > 0)[0]
-    n = class_logits.shape[0]
-    box_regression = box_regression.reshape(n, box_regression.shape[-1] // 4, 4)
-    box_loss = F.l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], reduction="sum")
-    return cls_loss, box_loss / max(labels.numel(), 1)
+    deltas = box_regression.reshape(class_logits.shape[0], -1, 4)[pos, labels[pos]]
+    loss_box = F.l1_loss(deltas, regression_targets[pos], reduction="sum") / max(labels.numel(), 1)
+    return loss_cls, loss_box
 
 
-def mask_loss(mask_logits, proposals, gt_masks, gt_labels, matched_idxs):
-    """Per-pixel BCE on the logits of each RoI's ground-truth class; targets are the matched instance masks
-    cropped and resized to the RoI with aligned RoIAlign, thresholded at 0.5."""
+def mask_loss(mask_logits, boxes, gt_masks, labels, matched_idxs):
+    """Mean per-pixel BCE on each foreground RoI's logits of its ground-truth class. Targets: the matched instance
+    mask cropped to the RoI with aligned RoIAlign (adaptive sampling) at the logits' size, >= 0.5."""
     size = mask_logits.shape[-1]
-    targets, classes = [], []
-    for boxes, masks, labels, idx in zip(proposals, gt_masks, gt_labels, matched_idxs):
-        if boxes.numel() == 0:
-            continue
-        rois = torch.cat([idx[:, None].to(boxes), boxes], dim=1)
-        crops = roi_align(
-            masks[:, None].to(boxes), rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True
-        )[:, 0]
-        targets.append((crops >= 0.5).to(mask_logits.dtype))
-        classes.append(labels[idx])
+    targets = []
+    for b, masks, idx in zip(boxes, gt_masks, matched_idxs):
+        if b.numel():
+            rois = torch.cat([idx[:, None].to(b), b], dim=1)
+            crops = roi_align(masks[:, None].to(b), rois, (size, size), 1.0, sampling_ratio=0, aligned=True)
+            targets.append(crops[:, 0] >= 0.5)
     if not targets:
         return mask_logits.sum() * 0
-    targets, classes = torch.cat(targets), torch.cat(classes)
-    logits = mask_logits[torch.arange(len(classes), device=classes.device), classes]
-    return F.binary_cross_entropy_with_logits(logits, targets)
+    labels = torch.cat(labels)
+    logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
+    return F.binary_cross_entropy_with_logits(logits, torch.cat(targets).to(logits.dtype))
+
+
+@torch.no_grad()
+def init_predictors(box_predictor: nn.Module, mask_predictor: nn.Module) -> None:
+    """detectron2's initialisation of the last layers (torchvision's default init differs)."""
+    nn.init.normal_(box_predictor.cls_score.weight, std=0.01)
+    nn.init.normal_(box_predictor.bbox_pred.weight, std=0.001)
+    nn.init.normal_(mask_predictor.mask_fcn_logits.weight, std=0.001)
+    for m in (box_predictor.cls_score, box_predictor.bbox_pred, mask_predictor.mask_fcn_logits):
+        nn.init.zeros_(m.bias)

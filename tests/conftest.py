@@ -73,17 +73,19 @@ def tiny_pretrained(tiny_imagenet, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory) -> Path:
+    """24 train / 8 val images in the COCO 2017 layout (polygons, RLE, crowds, an image without objects)."""
     from tools.datasets import make_coco
 
     return make_coco(tmp_path_factory.mktemp("data") / "coco", seed=0, train_images=24, val_images=8)
 
 
 def detection_config(data_root: Path, out: Path, *overrides: str):
-    """The tiny detection recipe shrunk: batch 4, a handful of iterations."""
+    """The tiny detection recipe shrunk: 32 px images, batch 4, six iterations, no workers."""
     base = [
         f"data.root={data_root}",
         f"out={out}",
         "device=cpu",
+        "data.img_size=32",
         "data.workers=0",
         "data.batch_per_gpu=4",
         "data.eval_batch_per_gpu=4",

@@ -7,10 +7,20 @@
 noisy background, and four textures (horizontal stripes, vertical stripes, checkerboard, dots) with
 random period, phase and colours. Image sides are 32-64 px. Everything is a function of the seed.
 
-`coco`: `train2017/`, `val2017/`, `annotations/instances_{train,val}2017.json` with four shape categories,
-several objects per image, polygon masks (some uncompressed RLE, some crowd regions).
+The drawing primitives (`shape_polygon`, `draw_background`, `texture`) are shared by the COCO- and
+ADE20K-layout generators, which place several shapes per image and keep their polygons as annotations.
 
-The drawing primitives (`shape_polygon`, `draw_background`, `texture`) are shared by all generators.
+    python -m tools.datasets coco --out data/tiny/coco [--seed 0 --train-images 500 --val-images 100]
+
+`coco`: `train2017/`, `val2017/`, `annotations/instances_{train,val}2017.json` (COCO 2017 layout). Four
+shape categories (`COCO_CLASSES`), 0-4 non-overlapping objects per 56-80 px image with polygon masks; some
+objects are stored as uncompressed or compressed RLE and some images hold an `iscrowd=1` region (a cluster
+of small shapes of one class), so every annotation encoding COCO uses is exercised.
+
+    python -m tools.datasets ade20k --out data/tiny/ade20k [--seed 0 --train-images 240 --val-images 40]
+
+`ade20k`: `images/{training,validation}/ADE_*.jpg` and `annotations/{training,validation}/ADE_*.png` (the
+ADEChallengeData2016 layout): four textures as "stuff", four solid shapes as "things", label 0 = other.
 """
 
 from __future__ import annotations
@@ -137,123 +147,127 @@ def make_imagenet(
     return out
 
 
+# ------------------------------------------------------------------------------------------------- COCO
 COCO_CLASSES = ("circle", "square", "triangle", "star")
 
 
-def polygon_area(poly) -> float:
-    xs, ys = np.array(poly[0::2]), np.array(poly[1::2])
-    return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
+    while True:
+        colour = random_colour(rng)
+        if np.abs(np.array(colour) - background).sum() > 160:
+            return colour
 
 
-def coco_image(rng: np.random.Generator, size_range=(56, 73), max_objects: int = 3):
-    """An image with 1-`max_objects` non-overlapping shapes on a noisy flat background; returns
-    (image, [(class index, polygon [x0, y0, x1, y1, ...])])."""
+def coco_image(rng: np.random.Generator, size_range=(56, 81), max_objects: int = 4):
+    """One detection image: a noisy gradient background with 0-`max_objects` non-overlapping shapes and, in
+    about one image in eight, a crowd (a cluster of 3-5 small shapes of one class).
+
+    Returns (image, objects, crowds): objects `[(class index, polygon [x0, y0, x1, y1, ...])]` in pixel-edge
+    coordinates (what pycocotools rasterises), crowds `[(class index, [polygon, ...])]`.
+    """
     w, h = (int(v) for v in rng.integers(*size_range, size=2))
-    background = np.array(random_colour(rng), dtype=np.float32)
-    pixels = background + rng.normal(0, 10, size=(h, w, 3))
-    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    img = draw_background(rng, w, h)
+    pixels = np.asarray(img, dtype=np.float32)
     draw = ImageDraw.Draw(img)
-    objects, placed = [], []
-    for _ in range(int(rng.integers(1, max_objects + 1))):
-        ci = int(rng.integers(len(COCO_CLASSES)))
-        for _try in range(20):
-            r = float(rng.uniform(8, 0.3 * min(w, h)))
+    placed: list[tuple[float, float, float]] = []
+
+    def place(r_lo: float, r_hi: float):
+        for _ in range(30):
+            r = float(rng.uniform(r_lo, r_hi))
             cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
-            if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q) ** 2 for x, y, q in placed):
-                break
-        else:
-            continue
-        placed.append((cx, cy, r))
+            if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q + 1) ** 2 for x, y, q in placed):
+                placed.append((cx, cy, r))
+                return cx, cy, r
+        return None
+
+    def shape(ci: int, cx: float, cy: float, r: float) -> list[float]:
         pts = shape_polygon(COCO_CLASSES[ci], cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
-        while True:  # a colour that stands out from the background
-            colour = random_colour(rng)
-            if np.abs(np.array(colour) - background).sum() > 150:
-                break
+        colour = _contrasting_colour(rng, pixels[int(cy), int(cx)])
         draw.polygon(pts, fill=colour)
-        objects.append((ci, [round(c, 2) for xy in pts for c in xy]))
-    return img, objects
+        return [round(c, 2) for xy in pts for c in xy]
+
+    crowds = []
+    if rng.random() < 0.125:
+        spot = place(9, 12)
+        if spot is not None:
+            ci, (cx, cy, r) = int(rng.integers(len(COCO_CLASSES))), spot
+            polys = []
+            for k in range(int(rng.integers(3, 6))):
+                a = 2 * math.pi * k / 5 + float(rng.uniform(-0.3, 0.3))
+                polys.append(shape(ci, cx + 0.55 * r * math.cos(a), cy + 0.55 * r * math.sin(a), 0.4 * r))
+            crowds.append((ci, polys))
+    objects = []
+    n = 0 if rng.random() < 0.05 else int(rng.integers(1, max_objects + 1))  # a few images without objects
+    for _ in range(n):
+        spot = place(7, 0.28 * min(w, h))
+        if spot is not None:
+            ci = int(rng.integers(len(COCO_CLASSES)))
+            objects.append((ci, shape(ci, *spot)))
+    return img, objects, crowds
 
 
-def make_coco(out: str | Path, seed: int = 0, train_images: int = 400, val_images: int = 100) -> Path:
-    """Tiny COCO-2017-layout set: `train2017/`, `val2017/`, `annotations/instances_{train,val}2017.json`.
+def make_coco(out: str | Path, seed: int = 0, train_images: int = 500, val_images: int = 100) -> Path:
+    """Write the tiny COCO-2017-layout set (see the module docstring); returns its root. Deterministic in `seed`.
 
-    Four shape categories (ids 1-4), several objects per image with polygon masks. For realism a few
-    annotations use the other encodings COCO has: uncompressed RLE for some objects and an `iscrowd=1`
-    annotation (RLE) in some training images."""
+    Category ids are 1..4 in `COCO_CLASSES` order; image ids are unique across the two splits. Objects are
+    polygons, except about one in six stored as uncompressed RLE and one in ten as compressed RLE; crowds are
+    uncompressed RLE with `iscrowd=1`, as in COCO.
+    """
     from pycocotools import mask as mask_utils
 
     out = Path(out)
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(COCO_CLASSES)]
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split, n, split_id in (("train", train_images, 0), ("val", val_images, 1)):
         (out / f"{split}2017").mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(n):
-            rng = np.random.default_rng([seed, 7, split_id, i])
-            img, objects = coco_image(rng)
-            name = f"{split_id:02d}{i:010d}.jpg"
+            rng = np.random.default_rng([seed, 17, split_id, i])
+            img, objects, crowds = coco_image(rng)
+            image_id = split_id * 1_000_000 + i + 1
+            name = f"{image_id:012d}.jpg"
             img.save(out / f"{split}2017" / name, quality=92)
-            image_id = split_id * 10**7 + i + 1
             images.append({"id": image_id, "file_name": name, "width": img.width, "height": img.height})
-            for ci, poly in objects:
-                rles = mask_utils.frPyObjects([poly], img.height, img.width)
-                rle = mask_utils.merge(rles)
-                x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
-                ann = {
-                    "id": len(annotations) + 1 + split_id * 10**7,
-                    "image_id": image_id,
-                    "category_id": ci + 1,
-                    "bbox": [x, y, bw, bh],
-                    "area": float(mask_utils.area(rle)),
-                    "iscrowd": 0,
-                    "segmentation": [poly],
-                }
-                if rng.random() < 0.15:  # uncompressed RLE, as some COCO annotations are
-                    m = mask_utils.decode(rle)
-                    ann["segmentation"] = {"size": [img.height, img.width], "counts": _uncompressed_counts(m)}
-                annotations.append(ann)
-            if split == "train" and rng.random() < 0.1:  # a crowd region in the corner
-                m = np.zeros((img.height, img.width), dtype=np.uint8, order="F")
-                m[: img.height // 5, : img.width // 5] = 1
-                crowd = mask_utils.encode(m)
-                crowd["counts"] = crowd["counts"].decode()
+            entries = [(ci, [poly], 0) for ci, poly in objects] + [(ci, polys, 1) for ci, polys in crowds]
+            for ci, polys, crowd in entries:
+                rle = mask_utils.merge(mask_utils.frPyObjects(polys, img.height, img.width))
+                u = 1.0 if crowd else rng.random()
+                if u < 1 / 6 or crowd:
+                    seg = {"size": [img.height, img.width], "counts": rle_counts(mask_utils.decode(rle))}
+                elif u < 1 / 6 + 1 / 10:
+                    seg = {"size": [img.height, img.width], "counts": rle["counts"].decode("ascii")}
+                else:
+                    seg = polys
                 annotations.append(
                     {
-                        "id": len(annotations) + 1 + split_id * 10**7,
+                        "id": len(annotations) + 1 + split_id * 1_000_000,
                         "image_id": image_id,
-                        "category_id": 1,
-                        "bbox": [float(v) for v in mask_utils.toBbox(crowd)],
-                        "area": float(mask_utils.area(crowd)),
-                        "iscrowd": 1,
-                        "segmentation": crowd,
+                        "category_id": ci + 1,
+                        "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
+                        "area": float(mask_utils.area(rle)),
+                        "iscrowd": crowd,
+                        "segmentation": seg,
                     }
                 )
-        ann_dir = out / "annotations"
-        ann_dir.mkdir(exist_ok=True)
-        (ann_dir / f"instances_{split}2017.json").write_text(
-            json.dumps(
-                {
-                    "info": {"description": "dbot-suite tiny COCO", "version": "1"},
-                    "licenses": [],
-                    "images": images,
-                    "annotations": annotations,
-                    "categories": categories,
-                }
-            )
-        )
+        d = {
+            "info": {"description": "dbot-suite tiny COCO-layout shapes", "version": "1.0", "year": 2017},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
+        (out / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(d))
     return out
 
 
-def _uncompressed_counts(m: np.ndarray) -> list[int]:
-    """COCO's uncompressed RLE: run lengths of the column-major mask, starting with zeros."""
-    flat = np.asfortranarray(m).flatten(order="F")
-    counts, current, run = [], 0, 0
-    for v in flat:
-        if v != current:
-            counts.append(run)
-            current, run = v, 0
-        run += 1
-    counts.append(run)
-    return [int(c) for c in counts]
+def rle_counts(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE of a binary mask `[h, w]`: run lengths in column-major order, starting with a
+    (possibly empty) run of zeros."""
+    flat = np.asarray(mask, dtype=np.uint8).reshape(mask.shape[:2]).flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], edges, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return ([0] + runs if flat.size and flat[0] == 1 else runs) or [0]
 
 
 # ------------------------------------------------------------------------------------------ ADE20K layout
@@ -336,7 +350,7 @@ def main(argv=None) -> None:
     c = sub.add_parser("coco", help="COCO 2017 layout (train2017/, val2017/, annotations/instances_*.json)")
     c.add_argument("--out", default="data/tiny/coco")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--train-images", type=int, default=400)
+    c.add_argument("--train-images", type=int, default=500)
     c.add_argument("--val-images", type=int, default=100)
     s = sub.add_parser("ade20k", help="ADEChallengeData2016 layout (images/ and annotations/, training + validation)")
     s.add_argument("--out", default="data/tiny/ade20k")
@@ -351,7 +365,10 @@ def main(argv=None) -> None:
         print(f"wrote {n} images in {len(IMAGENET_CLASSES)} classes to {root} in {time.time() - t0:.1f}s")
     elif args.kind == "coco":
         root = make_coco(args.out, args.seed, args.train_images, args.val_images)
-        print(f"wrote {args.train_images} + {args.val_images} COCO-layout images to {root} in {time.time() - t0:.1f}s")
+        print(
+            f"wrote {args.train_images} + {args.val_images} COCO-layout images ({len(COCO_CLASSES)} categories) "
+            f"to {root} in {time.time() - t0:.1f}s"
+        )
     elif args.kind == "ade20k":
         root = make_ade20k(args.out, args.seed, args.train_images, args.val_images)
         n = args.train_images + args.val_images
