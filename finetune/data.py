@@ -119,7 +119,7 @@ def _torchvision(cls, root: Path, what: str, **kw):
         try:
             import scipy.io  # noqa: F401 - torchvision reads their .mat annotations with it
         except ImportError:
-            msg = f"data.kind: the {what} annotations are MATLAB files, read with scipy: pip install scipy"
+            msg = f"data.kind: the {what} annotations are MATLAB files, read with scipy: pip install -e '.[transfer]'"
             raise DataError(msg) from None
     try:
         return cls(str(root), download=False, **kw)

@@ -12,7 +12,7 @@ from torch import nn
 
 from core import checkpoint as ckpt
 from core.vit import ViT, preset
-from tools.convert import read_backbone, shape_adapters
+from tools.convert import fit_to_model, read_backbone, shape_adapters
 
 
 def build_classifier(cfg, num_classes: int) -> ViT:
@@ -27,14 +27,24 @@ def build_classifier(cfg, num_classes: int) -> ViT:
     return model
 
 
-def load_pretrained(model: ViT, path: str, head_init_std: float) -> ckpt.LoadReport:
-    """Encoder weights from `path` (position embedding resized to the model's grid, patch kernel to its
-    patch size); the head is new.
+def read_pretrained(path: str, model_size: str, img_size: int | None) -> tuple[dict, list[str]]:
+    """Encoder weights of any checkpoint `tools.convert` reads (an old head dropped, a fine-tuned file's
+    fc_norm kept) and the names dropped; checked against a ViT of `model_size` so that a file of another
+    size fails here, before any data is read."""
+    sd, info = read_backbone(path, keep_head=True)
+    head = [k for k in sd if k.startswith("head.")]
+    sd = {k: v for k, v in sd.items() if k not in head}
+    fit_to_model({k: v for k, v in sd.items() if not k.startswith("fc_norm.")}, model_size, img_size, str(path))
+    return sd, info.dropped + head
+
+
+def load_pretrained(model: ViT, pretrained: tuple[dict, list[str]], source: str, head_init_std: float):
+    """Copy the encoder weights of `read_pretrained` into `model` (position embedding resized to its grid,
+    patch kernel to its patch size); the head is new.
 
     fc_norm / norm may be absent (a pretraining file has `norm`, a fine-tuned one `fc_norm`): they keep their
     initial values (LayerNorm 1/0), as in MAE. Anything else missing is an error."""
-    sd, info = read_backbone(path, keep_head=True)
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    sd, dropped = pretrained
     if isinstance(model.norm, nn.Identity):
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     if isinstance(model.fc_norm, nn.Identity):
@@ -42,11 +52,11 @@ def load_pretrained(model: ViT, path: str, head_init_std: float) -> ckpt.LoadRep
     report = ckpt.load_weights(
         model,
         sd,
-        source=str(path),
+        source=source,
         adapters=shape_adapters(model.grid_size, model.patch_embed.patch_size[0]),
         allow_missing=lambda k: k.startswith(("head.", "fc_norm.", "norm.")),
     )
-    report.unexpected += info.dropped
+    report.unexpected += dropped
     init_head(model, head_init_std)
     return report
 

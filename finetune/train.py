@@ -26,7 +26,7 @@ from core.monitor import RunLogger, file_sha256, write_results
 from core.optim import no_weight_decay, param_groups, warmup_cosine
 from finetune.data import base_datasets, eval_transform, train_transform
 from finetune.evaluate import evaluate
-from finetune.model import build_classifier, freeze_for_linprobe, init_head, load_pretrained
+from finetune.model import build_classifier, freeze_for_linprobe, init_head, load_pretrained, read_pretrained
 
 FORMAT = "dbot-suite/finetune/v1"
 TASKS = ("finetune", "linprobe", "transfer")
@@ -97,6 +97,10 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     device, out = env.device, Path(cfg.out)
     engine.seed_everything(cfg.seed, env.rank)
     _, state = ckpt.load_resume(out, cfg.resume, FORMAT)
+    # pretrained weights first: a file of the wrong size fails before the dataset is listed
+    pretrained = None
+    if cfg.checkpoint is not None and state is None:
+        pretrained = read_pretrained(cfg.checkpoint, cfg.model.size, cfg.model.img_size)
 
     # ---- data
     try:
@@ -124,8 +128,9 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
 
     # ---- model, optimiser, schedule
     report = None
-    if cfg.checkpoint is not None and state is None:
-        report = load_pretrained(model, cfg.checkpoint, cfg.model.head_init_std)
+    if pretrained is not None:
+        report = load_pretrained(model, pretrained, str(cfg.checkpoint), cfg.model.head_init_std)
+        del pretrained
     elif state is None:
         init_head(model, cfg.model.head_init_std)
     if cfg.task == "linprobe":

@@ -182,13 +182,11 @@ def test_val_classes_differing_from_train(tiny_imagenet, tmp_path):
         run(finetune_config(root, tmp_path / "o"))
 
 
-def test_wrong_model_size_for_a_checkpoint(tiny_imagenet, tiny_pretrained, tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match="do not fit the model"):
-        run(
-            finetune_config(
-                tiny_imagenet, tmp_path / "o", f"checkpoint={tiny_pretrained}", "model.size=small", "model.img_size=32"
-            )
-        )
+def test_wrong_model_size_fails_before_the_data_is_read(tiny_pretrained, tmp_path):
+    # the data folder does not even exist: the checkpoint is checked first
+    cfg = finetune_config(tmp_path / "absent", tmp_path / "o", f"checkpoint={tiny_pretrained}", "model.size=small")
+    with pytest.raises(ckpt.CheckpointError, match="does not fit a ViT-small \\(the weights look like ViT-tiny\\)"):
+        run(cfg)
 
 
 def test_unknown_checkpoint_layout_lists_what_was_found(tiny_imagenet, tmp_path):
