@@ -13,7 +13,7 @@ from core import checkpoint as ckpt
 from core.config import ConfigError, load_config
 from core.data import DataError
 from core.vit import build_vit
-from finetune.data import JsonImages, SingleDrawResizedCrop
+from finetune.data import JsonImages, SingleDrawResizedCrop, eval_transform, train_transform
 from finetune.evaluate import topk_correct
 from finetune.train import build_optimizer, run
 
@@ -90,6 +90,31 @@ def test_imagenet_recipes_are_the_published_ones(recipe):
     assert (c.model.global_pool, c.model.head_init_std) == ("avg", 0.01)
     a = c.aug
     assert (a.auto_augment, a.smoothing, a.reprob, a.mixup, a.cutmix) == ("rand-m9-mstd0.5-inc1", 0.1, 0.25, 0.8, 1.0)
+
+
+def test_augmentation_is_maes():
+    cfg = load_config(CONFIGS, "base")
+    steps = train_transform(cfg, 224).transforms
+    kinds = [type(t).__name__ for t in steps]
+    assert kinds == [
+        "RandomResizedCropAndInterpolation",
+        "RandomHorizontalFlip",
+        "RandAugment",
+        "MaybeToTensor",
+        "Normalize",
+        "RandomErasing",
+    ]
+    crop, flip, randaug, _, norm, erase = steps
+    assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and "BICUBIC" in str(crop.interpolation).upper()
+    assert flip.p == 0.5 and randaug.num_layers == 2  # rand-m9-mstd0.5-inc1: two ops per image
+    assert {op.magnitude for op in randaug.ops} == {9} and {op.magnitude_std for op in randaug.ops} == {0.5}
+    assert "SolarizeIncreasing" in {op.name for op in randaug.ops}  # inc1 picks the increasing variants
+    assert (erase.probability, erase.mode, erase.max_count) == (0.25, "pixel", 1)
+    assert [round(float(m), 3) for m in norm.mean] == [0.485, 0.456, 0.406]
+    resize, center = eval_transform(cfg, 224).transforms[:2]
+    assert (resize.size, center.size) == (256, (224, 224))  # resize 256, centre crop 224
+    resize, center = eval_transform(cfg, 448).transforms[:2]
+    assert (resize.size, center.size) == (448, (448, 448))  # crop_pct 1.0 above 224 px, as MAE at 448
 
 
 def test_linear_probe_crop_is_one_draw_inside_the_image():
