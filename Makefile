@@ -17,6 +17,7 @@ MASTER_PORT ?= 29500
 ARGS        ?=
 TO          ?= timm
 OUT         ?=
+BENCH       ?= pretrain finetune coco ade20k
 TINY        := data/tiny
 LABELS      ?=
 PYTEST_ARGS ?=
@@ -52,6 +53,7 @@ help: ## this list
 	@echo "  RUNS=$(RUNS)      folder for run outputs (<RUNS>/<task>-<MODEL>)"
 	@echo "  NGPUS=$(NGPUS) NNODES=$(NNODES) processes per node / nodes (more than one launches torchrun)"
 	@echo "  NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)  multi-node rendezvous"
+	@echo "  BENCH=$(BENCH)  make bench: which throughput benchmarks to run"
 	@echo "  ARGS=           extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
 	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmseg mmpretrain backbone) and output file"
 	@echo "  LABELS=         table: YAML naming the rows of checkpoints not made here (see README)"
@@ -131,8 +133,11 @@ format: venv ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: venv ## throughput benchmarks (MODEL=tiny on CPU by default); see docs/BENCHMARKS.md
-	$(PY) -m tools.bench pretrain --model $(MODEL) $(ARGS)
+bench: venv ## throughput of MODEL (tiny, CPU by default) for each task in BENCH; ARGS go to each; see docs/BENCHMARKS.md
+	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain --model $(MODEL) $(ARGS))
+	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench --model $(MODEL) $(ARGS))
+	$(if $(filter coco,$(BENCH)),$(PY) -m detection.bench -c $(MODEL) $(ARGS))
+	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench --recipe $(MODEL) $(ARGS))
 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf $(TINY) $(RUNS)

@@ -48,7 +48,7 @@ def timed(fn, steps: int, device: torch.device) -> float:
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / max(steps, 1)  # warmup calls pass steps=0
 
 
 def bench(args) -> dict:

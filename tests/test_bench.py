@@ -30,3 +30,38 @@ def test_loader_bench(tiny_imagenet, capsys):
         ]
     )
     assert json.loads(capsys.readouterr().out)["images_per_s"] > 0
+
+
+def test_task_benches_run_one_step_and_report(capsys):
+    """finetune / COCO / ADE20K benchmarks: one training step and inference of the tiny recipes on CPU."""
+    from detection import bench as det_bench
+    from finetune import bench as ft_bench
+    from segmentation import bench as seg_bench
+
+    ft_bench.main(
+        ["--model", "tiny", "--batch", "4", "--classes", "10", "--steps", "1", "--warmup", "0", "--device", "cpu"]
+    )
+    det_bench.main(["-c", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--num-classes", "4"])
+    seg_bench.main(
+        [
+            "--recipe",
+            "tiny",
+            "--batch",
+            "2",
+            "--classes",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--images",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 3, lines
+    for res in lines:
+        assert any(k.endswith("per_s") or k.endswith("s_per_iter") for k in res), res
+        assert all(v > 0 for k, v in res.items() if "per_s" in k or "per_iter" in k), res
