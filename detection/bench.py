@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from core.config import load_config
 from core.engine import Stepper, resolve_amp
 from detection.model import build_detector
 from detection.train import build_optimizer
-from tools.bench import device_name
+from tools.bench import device_name, peak_memory, seconds_per_call
 
 
 def synthetic_batch(n: int, size: int, num_classes: int, generator: torch.Generator):
@@ -38,17 +36,6 @@ def synthetic_batch(n: int, size: int, num_classes: int, generator: torch.Genera
         labels = torch.randint(1, num_classes + 1, (3,), generator=generator)
         targets.append({"boxes": boxes, "labels": labels, "masks": masks})
     return images, [(size, size)] * n, targets
-
-
-def timed(fn, steps: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t) / max(steps, 1)  # warmup calls pass steps=0
 
 
 def bench(args) -> dict:
@@ -74,18 +61,12 @@ def bench(args) -> dict:
         with stepper.autocast():
             model.predict(images, sizes)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    timed(train_step, args.warmup, device)
-    train_s = timed(train_step, args.steps, device)
+    train_s = seconds_per_call(train_step, args.steps, device, warmup=args.warmup)
+    train_peak, kind = peak_memory(device)
     model.eval()
-    timed(infer, args.warmup, device)
-    infer_s = timed(infer, args.steps, device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    infer_s = seconds_per_call(infer, args.steps, device, warmup=args.warmup)
+    infer_peak, _ = peak_memory(device)
     return {
         "recipe": args.config,
         "img_size": size,
@@ -95,8 +76,9 @@ def bench(args) -> dict:
         "train_s_per_iter": round(train_s, 4),
         "train_images_per_s": round(args.batch / train_s, 2),
         "inference_images_per_s": round(args.batch / infer_s, 2),
-        "peak_memory_gib": round(peak, 2),
-        "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        "train_peak_mem_gib": round(train_peak, 2),
+        "infer_peak_mem_gib": round(infer_peak, 2),
+        "mem_kind": kind,
     }
 
 

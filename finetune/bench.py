@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import time
 from pathlib import Path
 
 import torch
@@ -25,22 +23,9 @@ from core.config import load_config
 from core.engine import Stepper, autocast, resolve_amp
 from finetune.model import build_classifier
 from finetune.train import build_optimizer
-from tools.bench import device_name
+from tools.bench import device_name, peak_memory, seconds_per_call
 
 CONFIGS = Path(__file__).parent / "configs"
-
-
-def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
 
 
 def bench(args) -> dict:
@@ -70,16 +55,11 @@ def bench(args) -> dict:
         with torch.no_grad(), autocast(amp, device):
             fwd(images)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    t_train = timed(train_step, args.steps, args.warmup, device)
+    t_train = seconds_per_call(train_step, args.steps, device, warmup=args.warmup)
     model.eval()
-    t_eval = timed(eval_step, args.steps, args.warmup, device)
-    if device.type == "cuda":
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
-    else:
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+    t_eval = seconds_per_call(eval_step, args.steps, device, warmup=args.warmup)
+    memory, memory_kind = peak_memory(device)
     return {
         "model": args.model,
         "img_size": size,
@@ -88,9 +68,10 @@ def bench(args) -> dict:
         "batch": args.batch,
         "amp": amp,
         "compile": args.compile,
-        "train_images_per_s": round(args.batch * args.steps / t_train, 1),
-        "eval_images_per_s": round(args.batch * args.steps / t_eval, 1),
-        "peak_memory": memory,
+        "train_images_per_s": round(args.batch / t_train, 1),
+        "eval_images_per_s": round(args.batch / t_eval, 1),
+        "peak_mem_gib": round(memory, 2),
+        "mem_kind": memory_kind,
     }
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import time
 from pathlib import Path
 
 import torch
@@ -24,19 +22,9 @@ from core.engine import Stepper, autocast, resolve_amp
 from segmentation.evaluate import predict_image, windows
 from segmentation.model import build_segmentor
 from segmentation.train import build_optimizer
+from tools.bench import device_name, peak_memory, seconds_per_call
 
 CONFIGS = Path(__file__).parent / "configs"
-
-
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process max RSS"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench(args) -> dict:
@@ -63,16 +51,7 @@ def bench(args) -> dict:
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    s_per_iter = (time.perf_counter() - t0) / args.steps
+    s_per_iter = seconds_per_call(step, args.steps, device, warmup=args.warmup)
     train_mem, kind = peak_memory(device)
 
     model.eval()
@@ -85,21 +64,12 @@ def bench(args) -> dict:
 
     kw = dict(num_classes=classes, scale=(h * 4, h), crop=crop, stride=cfg.eval.stride, batch=args.window_batch)
     with torch.no_grad():
-        predict_image(predict, image, **kw)
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        for _ in range(args.images):
-            predict_image(predict, image, **kw)
-        sync(device)
-    infer_s = (time.perf_counter() - t0) / args.images
+        infer_s = seconds_per_call(lambda: predict_image(predict, image, **kw), args.images, device, warmup=1)
     infer_mem, _ = peak_memory(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return {
         "bench": "segmentation",
         "recipe": args.recipe,
-        "device": name,
+        "device": device_name(device),
         "amp": amp,
         "compile": args.compile,
         "batch": args.batch,

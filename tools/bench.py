@@ -39,6 +39,29 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def seconds_per_call(fn, calls: int, device: torch.device, warmup: int = 0) -> float:
+    """Mean wall time of `fn()` over `calls` calls after `warmup` untimed ones (GPU work waited for).
+    The benchmarks of every task time with this; peak memory is counted from the first timed call."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / max(calls, 1)
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(GiB, what was measured): the CUDA allocator's peak since the last reset, or the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process max RSS"
+
+
 def build(model: str, device: torch.device, decoder=(512, 8, 16)):
     arch = preset(model)
     if model == "tiny":
@@ -72,26 +95,12 @@ def bench_pretrain(args) -> dict:
     with FlopCounterMode(display=False) as counter:
         step()
     flops_per_step = counter.get_total_flops()
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
+    dt = seconds_per_call(step, args.steps, device, warmup=args.warmup)
     tflops = flops_per_step / dt / 1e12
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
         peak = next((v for k, v in PEAKS.items() if k in torch.cuda.get_device_name(device)), None)
-    mem = (
-        torch.cuda.max_memory_allocated(device) / 2**30
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    )
+    mem, mem_kind = peak_memory(device)
     return {
         "bench": "pretrain",
         "model": args.model,
@@ -105,7 +114,7 @@ def bench_pretrain(args) -> dict:
         "achieved_tflops": round(tflops, 3),
         "mfu": round(tflops / peak, 4) if peak else None,
         "peak_mem_gib": round(mem, 2),
-        "mem_kind": "cuda max allocated" if device.type == "cuda" else "process max RSS",
+        "mem_kind": mem_kind,
         "torch": torch.__version__,
     }
 
