@@ -98,9 +98,54 @@ def resume_path(out_dir: str | os.PathLike, resume: str | None) -> Path | None:
     return path
 
 
-def load_resume(out_dir: str | os.PathLike, resume: str | None, fmt: str):
+# Options that may differ between a run and its resumption: where things are and how this invocation runs,
+# not what is computed (a prefix ending in "." covers a whole section).
+RESUME_FREE = (
+    "out", "resume", "device", "amp", "compile", "max_epochs", "max_iters", "checkpoint", "log.", "eval.",
+    "data.root", "data.workers", "data.skip_corrupt", "data.eval_batch_per_gpu",
+)  # fmt: skip
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: Mapping, current: Mapping, free: Iterable[str] = RESUME_FREE) -> list[str]:
+    """`key: saved -> current` for every option that differs, except those in `free` (names, or prefixes
+    ending in ".")."""
+    a, b = _flatten(saved), _flatten(current)
+
+    def is_free(k: str) -> bool:
+        return any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)
+
+    return [
+        f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "<absent>") != b.get(k, "<absent>") and not is_free(k)
+    ]
+
+
+def check_same_config(path, saved: Mapping | None, current: Mapping) -> None:
+    """A resumed run continues the saved one exactly, so what it computes must be configured the same."""
+    changes = config_changes(saved or {}, current) if saved is not None else []
+    if changes:
+        raise CheckpointError(
+            f"{path}: saved by a run configured differently ({'; '.join(changes[:6])}"
+            + (f"; +{len(changes) - 6} more" if len(changes) > 6 else "")
+            + "); a resumed run must match the one it continues: use another out folder, or resume=none"
+        )
+
+
+def load_resume(out_dir: str | os.PathLike, resume: str | None, fmt: str, config: Mapping | None = None):
     """(path, state) of the checkpoint a run continues from (None, None for a fresh run); the state must have
-    been written by the same task (`meta.format == fmt`)."""
+    been written by the same task (`meta.format == fmt`) and, when `config` is given, with the same settings
+    (`check_same_config`)."""
     path = resume_path(out_dir, resume)
     if path is None:
         return None, None
@@ -111,6 +156,8 @@ def load_resume(out_dir: str | os.PathLike, resume: str | None, fmt: str):
             f"{path}: written by {found or 'something else'}, not by this task ({fmt}); use another "
             "out folder or resume=none"
         )
+    if config is not None:
+        check_same_config(path, state.get("config"), config)
     return path, state
 
 

@@ -126,7 +126,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     plan = check(cfg, env)
     o, device, out = cfg.optim, env.device, Path(cfg.out)
     train_set, val_set = datasets(cfg)
-    _, state = ckpt.load_resume(out, cfg.resume, FORMAT)
+    _, state = ckpt.load_resume(out, cfg.resume, FORMAT, config=to_dict(cfg))
     engine.seed_everything(cfg.seed, env.rank)
 
     # ---- model, optimiser, schedule

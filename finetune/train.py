@@ -96,7 +96,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     plan = check(cfg, env)
     device, out = env.device, Path(cfg.out)
     engine.seed_everything(cfg.seed, env.rank)
-    _, state = ckpt.load_resume(out, cfg.resume, FORMAT)
+    _, state = ckpt.load_resume(out, cfg.resume, FORMAT, config=to_dict(cfg))
     # pretrained weights first: a file of the wrong size fails before the dataset is listed
     pretrained = None
     if cfg.checkpoint is not None and state is None:

@@ -307,11 +307,7 @@ def check_resume(path: Path, state: dict, plan: Plan) -> None:
             f"{path}: saved for another model; differences (checkpoint, config): {diff}. Use another `out` "
             "folder or resume=none"
         )
-    if list(state["config"]["stages"]["epochs"]) != list(plan.stages.boundaries):
-        raise ckpt.CheckpointError(
-            f"{path}: saved with stages.epochs={state['config']['stages']['epochs']}, the config says "
-            f"{list(plan.stages.boundaries)}"
-        )
+    ckpt.check_same_config(path, state.get("config"), to_dict(plan.cfg))
 
 
 # ---------------------------------------------------------------------------------------------- training

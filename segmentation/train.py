@@ -97,7 +97,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
     plan = check(cfg, env)
     device, out = env.device, Path(cfg.out)
     engine.seed_everything(cfg.seed, env.rank)
-    state = None if cfg.eval_only else ckpt.load_resume(out, cfg.resume, FORMAT)[1]
+    state = None if cfg.eval_only else ckpt.load_resume(out, cfg.resume, FORMAT, config=to_dict(cfg))[1]
 
     # ---- data: layout and labels checked before the model is built
     names = class_names(cfg.data.root, cfg.data.num_classes)

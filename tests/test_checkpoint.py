@@ -79,3 +79,25 @@ def test_load_weights_reports_and_adapts():
             adapters=[pos],
             allow_missing=lambda k: k.startswith("head."),
         )
+
+
+def test_config_changes_ignore_where_and_how_but_not_what():
+    saved = {"out": "a", "epochs": 8, "optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "log": {"every": 10}}
+    same_work = {"out": "b", "epochs": 8, "optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "log": {"every": 1}}
+    assert ckpt.config_changes(saved, same_work) == []
+    other = {"out": "a", "epochs": 15, "optim": {"lr": 1e-3, "betas": [0.9, 0.999]}, "new": 1, "log": {}}
+    assert ckpt.config_changes(saved, other) == [
+        "epochs: 8 -> 15",
+        "new: <absent> -> 1",
+        "optim.betas: [0.9, 0.95] -> [0.9, 0.999]",
+    ]
+
+
+def test_resuming_with_other_settings_is_refused_and_names_them(tmp_path):
+    state = {"meta": {"format": "x/v1"}, "config": {"epochs": 8, "seed": 0, "log": {"every": 5}}}
+    ckpt.save(state, tmp_path / "checkpoint-last.pth")
+    path, got = ckpt.load_resume(tmp_path, "auto", "x/v1", config={"epochs": 8, "seed": 0, "log": {"every": 1}})
+    assert path == tmp_path / "checkpoint-last.pth" and got["config"]["epochs"] == 8
+    with pytest.raises(ckpt.CheckpointError, match="configured differently \\(epochs: 8 -> 15\\).*resume=none"):
+        ckpt.load_resume(tmp_path, "auto", "x/v1", config={"epochs": 15, "seed": 0, "log": {"every": 5}})
+    assert ckpt.load_resume(tmp_path, "none", "x/v1", config={"epochs": 15}) == (None, None)
