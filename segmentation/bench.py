@@ -38,7 +38,7 @@ def bench(args) -> dict:
     stepper = Stepper(model, build_optimizer(cfg, model), [1e-4], amp=amp, device=device)
     images = torch.randn(args.batch, 3, crop, crop, device=device)
     labels = torch.randint(0, classes, (args.batch, crop, crop), device=device)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = model
 
     def step():
         g = stepper.group(0, 1)
@@ -48,9 +48,11 @@ def bench(args) -> dict:
         stepper.step()
 
     model.train()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:  # eagerly: the counter's hooks must not be compiled in
         step()
     flops = counter.get_total_flops()
+    if args.compile:
+        fwd = torch.compile(model)
     s_per_iter = seconds_per_call(step, args.steps, device, warmup=args.warmup)
     train_mem, kind = peak_memory(device)
 
