@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,26 @@ from tools.datasets import IMAGENET_CLASSES, make_imagenet
 REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_module(module: str, *args: str, processes: int = 1, threads: int = 1) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root, as a user runs it; with `processes` > 1 under
+    torchrun (gloo on CPU). A failure shows the end of the command's stderr."""
+    launch = []
+    if processes > 1:
+        launch = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(
+        [sys.executable, *launch, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stderr[-3000:]}"
+    return proc
 
 
 @pytest.fixture(scope="session")

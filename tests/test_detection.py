@@ -4,17 +4,13 @@ data, training, resume and bad input."""
 
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, detection_config
+from conftest import REPO, detection_config, run_module
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -33,12 +29,6 @@ from detection.model import build_detector, load_pretrained, to_original
 from detection.pyramid import SimpleFeaturePyramid
 from detection.train import build_optimizer, run
 from tools.datasets import make_coco, rle_counts
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------- backbone
@@ -425,15 +415,7 @@ def test_two_processes_with_accumulation_train_and_score_every_image_once(tiny_c
     out = tmp_path / "ddp"
     cfg = detection_config(tiny_coco, out, "data.batch_per_gpu=2", "optim.global_batch=8", "eval.every=3")
     save_config(cfg, tmp_path / "recipe.yaml")  # 2 processes x 2 images x 2 accumulation steps
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-        + ["-m", "detection", "-c", str(tmp_path / "recipe.yaml")],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_module("detection", "-c", str(tmp_path / "recipe.yaml"), processes=2)
     saved = json.loads((out / "results.json").read_text())
     assert saved["eval_images"] == 8 and saved["iterations"] == 6
     assert ckpt.load(out / "checkpoint-last.pth")["stepper"]["step"] == 6

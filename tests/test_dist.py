@@ -1,21 +1,10 @@
 """Two gloo processes equal one process with the same global batch, across a stage boundary."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import REPO
+from conftest import run_module
 
 from core import checkpoint as ckpt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def common(data):
@@ -36,36 +25,9 @@ def common(data):
 
 @pytest.mark.dist
 def test_two_processes_equal_one_process(tiny_imagenet, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(
-        [sys.executable, "-m", "pretrain", "-c", "tiny", *common(tiny_imagenet), "data.batch_per_gpu=8", f"out={one}"],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "pretrain",
-            "-c",
-            "tiny",
-            *common(tiny_imagenet),
-            "data.batch_per_gpu=4",
-            f"out={two}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_module("pretrain", "-c", "tiny", *common(tiny_imagenet), "data.batch_per_gpu=8", f"out={one}")
+    run_module("pretrain", "-c", "tiny", *common(tiny_imagenet), "data.batch_per_gpu=4", f"out={two}", processes=2)
     a, b = ckpt.load(one / "checkpoint-last.pth"), ckpt.load(two / "checkpoint-last.pth")
     assert a["stepper"]["step"] == b["stepper"]["step"] == 12 and b["stage"] == 1
     tol = 1e-4  # float summation order differs (all-reduce of two halves); training moves weights ~100x more

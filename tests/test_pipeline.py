@@ -3,19 +3,13 @@ finetune -> coco -> ade20k -> table, each stage reading the previous stage's out
 every stage to seconds; the slow one runs the demo's own recipes and checks what they must reach."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_module
 
 
-def cli(*args, cwd=REPO):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stderr[-3000:]}"
-    return proc.stdout
+def cli(module, *args):
+    return run_module(module, *args, threads=2).stdout
 
 
 def test_tiny_chain_end_to_end(tiny_imagenet, tiny_coco, tiny_ade20k, tmp_path):

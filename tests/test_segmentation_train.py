@@ -2,15 +2,12 @@
 one bit for bit, evaluation alone reproduces the run's numbers, bad labels stop the run before training."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, segmentation_config
+from conftest import run_module, segmentation_config
 from PIL import Image
 
 from core import checkpoint as ckpt
@@ -135,27 +132,7 @@ def test_two_processes_evaluate_like_one(tiny_ade20k, tmp_path):
         f"weights={tmp_path / 'run' / 'checkpoint-last.pth'}",
         "log.tensorboard=false",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    from test_dist import free_port
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "segmentation",
-            *common,
-            f"out={tmp_path / 'two'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_module("segmentation", *common, f"out={tmp_path / 'two'}", processes=2)
     one = json.loads((tmp_path / "run" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["eval"]["images"] == 4 and two["per_class_iou"] == one["per_class_iou"] and two["aAcc"] == one["aAcc"]
