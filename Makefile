@@ -101,6 +101,7 @@ finetune: venv $(TINY_DEPS) $(CKPT_DEPS) ## ImageNet fine-tuning (tiny by defaul
 
 coco: venv $(if $(DATA),,$(TINY)/coco/.done) $(CKPT_DEPS) ## COCO Mask R-CNN (ViTDet); tiny by default; DATA=/coco MODEL=base CKPT=... NGPUS=8 NNODES=8
 	$(LAUNCH) detection -c $(MODEL) data.root=$(if $(DATA),$(DATA),$(TINY)/coco) checkpoint=$(START_CKPT) out=$(RUNS)/coco-$(MODEL) $(ARGS)
+
 ade20k: venv $(if $(DATA),,$(TINY)/ade20k/.done) $(CKPT_DEPS) ## ADE20K UperNet segmentation (tiny by default; DATA=.../ADEChallengeData2016 MODEL=base CKPT=...)
 	$(LAUNCH) segmentation -c $(MODEL) data.root=$(if $(DATA),$(DATA),$(TINY)/ade20k) checkpoint=$(START_CKPT) \
 		out=$(RUNS)/ade20k-$(MODEL) $(ARGS)

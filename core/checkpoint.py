@@ -133,7 +133,7 @@ def config_changes(saved: Mapping, current: Mapping, free: Iterable[str] = RESUM
 
 def check_same_config(path, saved: Mapping | None, current: Mapping) -> None:
     """A resumed run continues the saved one exactly, so what it computes must be configured the same."""
-    changes = config_changes(saved or {}, current) if saved is not None else []
+    changes = config_changes(saved, current) if saved is not None else []
     if changes:
         raise CheckpointError(
             f"{path}: saved by a run configured differently ({'; '.join(changes[:6])}"

@@ -245,10 +245,12 @@ def make_loader(
     )
 
 
+def eval_sampler(n: int, batch: int, env) -> ShardedSampler:
+    """The evaluation sampler: every item exactly once over all ranks, in order, no padding."""
+    return ShardedSampler(n, batch, rank=env.rank, world=env.world_size, shuffle=False, drop_last=False, pad=False)
+
+
 def train_eval_samplers(n_train: int, n_eval: int, batch: int, eval_batch: int, env, seed: int):
     """The training sampler (shuffled, equal batches on every rank) and the evaluation one (every item once)."""
     train = ShardedSampler(n_train, batch, rank=env.rank, world=env.world_size, seed=seed)
-    evaluation = ShardedSampler(
-        n_eval, eval_batch, rank=env.rank, world=env.world_size, shuffle=False, drop_last=False, pad=False
-    )
-    return train, evaluation
+    return train, eval_sampler(n_eval, eval_batch, env)

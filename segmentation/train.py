@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from core import checkpoint as ckpt
 from core import dist, engine
 from core.config import ConfigError, save_config, to_dict
-from core.data import DataError, make_loader, train_eval_samplers
+from core.data import DataError, ShardedSampler, eval_sampler, make_loader
 from core.monitor import RunLogger, file_sha256, write_results
 from core.optim import param_groups, warmup_poly
 from core.vit import preset
@@ -114,8 +114,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
         problems = [p for rank_problems in found for p in rank_problems]
         if problems:
             raise DataError(f"{len(problems)} bad label map(s): " + "; ".join(problems[:5]))
-    n_train = len(train_set) if train_set is not None else len(val_set)  # evaluation alone: the train side is unused
-    train_sampler, val_sampler = train_eval_samplers(n_train, len(val_set), d.batch_per_gpu, 1, env, cfg.seed)
+    val_sampler = eval_sampler(len(val_set), 1, env)
     val_loader = DataLoader(
         val_set, batch_size=None, sampler=val_sampler, num_workers=cfg.eval.workers, pin_memory=device.type == "cuda"
     )
@@ -174,6 +173,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
         return results
 
     # ---- training
+    train_sampler = ShardedSampler(len(train_set), d.batch_per_gpu, rank=env.rank, world=env.world_size, seed=cfg.seed)
     batches = train_sampler.batches_per_epoch
     if batches == 0:
         raise ConfigError(

@@ -83,22 +83,22 @@ def bench_pretrain(args) -> dict:
     images = torch.randn(n, 3, student.patch_embed.img_size[0], student.patch_embed.img_size[1], device=device)
     mask = RandomMasking(student.num_patches, 0.75)(torch.rand(n, student.num_patches, device=device))
 
-    def make_step(fwd_student, fwd_target):
-        def step():
-            g = stepper.group(0, 1)
-            with stepper.autocast():
-                goal = fwd_target(images, mask)
-                pred = fwd_student(images, mask)
-            stepper.backward(target.loss(pred, goal, mask), g)
-            stepper.step()
+    fwd_student, fwd_target = student, target
 
-        return step
+    def step():
+        g = stepper.group(0, 1)
+        with stepper.autocast():
+            goal = fwd_target(images, mask)
+            pred = fwd_student(images, mask)
+        stepper.backward(target.loss(pred, goal, mask), g)
+        stepper.step()
 
     # FLOPs counted eagerly: the counter's module hooks must not be traced into the compiled graphs
     with FlopCounterMode(display=False) as counter:
-        make_step(student, target)()
+        step()
     flops_per_step = counter.get_total_flops()
-    step = make_step(torch.compile(student), torch.compile(target)) if args.compile else make_step(student, target)
+    if args.compile:
+        fwd_student, fwd_target = torch.compile(student), torch.compile(target)
     dt = seconds_per_call(step, args.steps, device, warmup=args.warmup)
     tflops = flops_per_step / dt / 1e12
     peak = args.peak_tflops
