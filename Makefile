@@ -21,6 +21,7 @@ BENCH       ?= pretrain finetune coco ade20k
 TINY        := data/tiny
 LABELS      ?=
 PYTEST_ARGS ?=
+SCALE       ?= cpu
 
 # One process: plain python. Several: torchrun (same command on every node, with NODE_RANK set per node).
 ifeq ($(NGPUS)$(NNODES),11)
@@ -38,7 +39,7 @@ TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain finetune coco ade20k convert table analysis test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune coco ade20k convert table analysis study study-wider test test-all lint format bench clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
@@ -57,6 +58,7 @@ help: ## this list
 	@echo "  ARGS=           extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
 	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmdet mmseg mmpretrain backbone) and output file"
 	@echo "  LABELS=         table: YAML naming the rows of checkpoints not made here (see README)"
+	@echo "  SCALE=$(SCALE)      study: cpu (tiny ViT, 2 cores, <= 30 min) or gpu (ViT-S/8 at 64 px, one GPU)"
 	@echo "  PYTHON=$(PYTHON) interpreter used to create $(VENV)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -117,6 +119,12 @@ ANALYSIS_DATA = $(if $(DATA),$(DATA),$(TINY)/imagenet/val)
 
 analysis: venv $(TINY_DEPS) $(CKPT_DEPS) ## attention distance + singular values: make analysis CKPT="a.pth mae=b.pth" DATA=/imagenet/val
 	$(PY) -m tools.analysis $(START_CKPT) --data $(ANALYSIS_DATA) --out $(if $(OUT),$(OUT),$(RUNS)/analysis) $(ARGS)
+
+study: venv ## does dBOT learn? claims (a)-(c) on generated data -> RUNS/study-SCALE/study.{md,json,png} (docs/STUDY.md)
+	$(PY) -m tools.study targets --scale $(SCALE) --out $(RUNS)/study-$(SCALE) $(if $(filter gpu,$(SCALE)),--device cuda --data-workers 16,) $(ARGS)
+
+study-wider: venv ## claim (d): a wider dBOT teacher vs a same-size one, same study -> RUNS/study-SCALE/wider.{md,json}
+	$(PY) -m tools.study wider --scale $(SCALE) --out $(RUNS)/study-$(SCALE) $(if $(filter gpu,$(SCALE)),--device cuda --data-workers 16,) $(ARGS)
 
 test: venv ## lint + the fast test suite (includes one tiny end-to-end run)
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,16 @@ random period, phase and colours. Image sides are 32-64 px. Everything is a func
 The drawing primitives (`shape_polygon`, `draw_background`, `texture`) are shared by the COCO- and
 ADE20K-layout generators, which place several shapes per image and keep their polygons as annotations.
 
+    python -m tools.datasets study --preset cpu [--out data/study-cpu --seed 0 --pool 20000 --workers 4]
+
+`study`: the data of `tools/study.py` ("Does it learn?", docs/STUDY.md). Sixteen classes defined by shape and
+structure only (`STUDY_CLASSES`: solid polygons, shapes with holes or cut-outs, letters, two-part shapes),
+with every colour, the background (noisy gradient or faint texture), the fill (solid or textured), position,
+scale, rotation, stretch, small distractor blobs and occluding lines drawn at random, so colour and other
+low-level cues say nothing about the class. `pool/train/unlabeled/*.jpg` is the unlabeled pretraining pool;
+`labelled/{train,val}/<class>/*.jpg` the small labelled split of the downstream task (`STUDY_PRESETS`: cpu
+20,000 + 16 x (40 + 40) images at 36-48 px; gpu 200,000 + 16 x (100 + 50) at 72-96 px).
+
     python -m tools.datasets coco --out data/tiny/coco [--seed 0 --train-images 500 --val-images 100]
 
 `coco`: `train2017/`, `val2017/`, `annotations/instances_{train,val}2017.json` (COCO 2017 layout). Four
@@ -339,6 +349,177 @@ def make_ade20k(out: str | Path, seed: int = 0, train_images: int = 240, val_ima
     return out
 
 
+# ------------------------------------------------------------------------------------------- study set
+# Sixteen classes that differ in shape and structure only. Colour, texture, background, position, scale,
+# rotation, stretch, distractors and occluders are nuisances drawn independently of the class. A class is
+# a list of (polygon in the unit frame [-1, 1]^2, fill 1 or 0) painted in order into a mask, so holes
+# (ring, frame) and cut-outs (crescent) are shapes too.
+STUDY_CLASSES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "hexagon",
+    "ring",
+    "frame",
+    "crescent",
+    "semicircle",
+    "ell",
+    "tee",
+    "arrow",
+    "bowtie",
+    "bar",
+    "two_discs",
+)
+# Sizes of the study set: `cpu` for the 2-core study (32 px models), `gpu` for the ViT-S-like 64 px one.
+STUDY_PRESETS = {
+    "cpu": dict(pool=20000, train_per_class=40, val_per_class=40, size=(36, 48)),
+    "gpu": dict(pool=200000, train_per_class=100, val_per_class=50, size=(72, 96)),
+}
+
+
+def _disc(cx: float, cy: float, r: float, n: int = 32) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(2 * math.pi * i / n), cy + r * math.sin(2 * math.pi * i / n)) for i in range(n)]
+
+
+def _box(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def study_shape(kind: str) -> list[tuple[list[tuple[float, float]], int]]:
+    """The unit-frame drawing of a study class: `[(polygon, fill)]`, painted in order (fill 0 cuts a hole)."""
+    if kind in SHAPES:
+        return [(shape_polygon(kind, 0.0, 0.0, 1.0, 0.0), 1)]
+    half = [(math.cos(math.pi * i / 24), 0.45 - math.sin(math.pi * i / 24)) for i in range(25)]
+    drawings = {
+        "ring": [(_disc(0, 0, 1.0), 1), (_disc(0, 0, 0.55), 0)],
+        "frame": [(_box(-0.8, -0.8, 0.8, 0.8), 1), (_box(-0.42, -0.42, 0.42, 0.42), 0)],
+        "crescent": [(_disc(0, 0, 1.0), 1), (_disc(0.5, -0.15, 0.8), 0)],
+        "semicircle": [(half, 1)],
+        "ell": [([(-0.8, -1), (-0.25, -1), (-0.25, 0.45), (0.8, 0.45), (0.8, 1), (-0.8, 1)], 1)],
+        "tee": [(_box(-0.9, -1, 0.9, -0.45), 1), (_box(-0.28, -0.45, 0.28, 1), 1)],
+        "arrow": [([(-1, -0.25), (0.15, -0.25), (0.15, -0.75), (1, 0), (0.15, 0.75), (0.15, 0.25), (-1, 0.25)], 1)],
+        "bowtie": [([(-1, -0.8), (0, 0), (-1, 0.8)], 1), ([(1, -0.8), (0, 0), (1, 0.8)], 1)],
+        "bar": [(_box(-1, -0.24, 1, 0.24), 1)],
+        "two_discs": [(_disc(-0.52, 0, 0.42), 1), (_disc(0.52, 0, 0.42), 1)],
+    }
+    if kind not in drawings:
+        raise ValueError(f"unknown study class {kind!r}; expected one of {STUDY_CLASSES}")
+    return drawings[kind]
+
+
+def _study_background(rng: np.random.Generator, w: int, h: int, lo: int, hi: int) -> np.ndarray:
+    """A nuisance background `[h, w, 3]` float with channel values in [lo, hi): a noisy gradient between two
+    colours, or a faint texture on one colour."""
+    if rng.random() < 0.7:
+        c0, c1 = (np.array(random_colour(rng, lo, hi), dtype=np.float32) for _ in range(2))
+        t = np.linspace(0, 1, w, dtype=np.float32)[None, :, None] * np.ones((h, 1, 1), np.float32)
+        if rng.random() < 0.5:
+            t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None] * np.ones((1, w, 1), np.float32)
+        return c0 * (1 - t) + c1 * t
+    tex = np.asarray(texture(TEXTURES[int(rng.integers(len(TEXTURES)))], rng, w, h), dtype=np.float32)
+    base = np.array(random_colour(rng, lo, hi), dtype=np.float32)
+    return base + (tex - tex.mean((0, 1))) * rng.uniform(0.05, 0.15)
+
+
+def study_image(kind: str, rng: np.random.Generator, size: tuple[int, int] = (36, 48), supersample: int = 4):
+    """One study image of class `kind`: the class mask (drawn at `supersample` x, box-filtered to an
+    anti-aliased alpha) filled with a bright colour of random hue (sometimes faintly textured) on a dark
+    nuisance background, with small distractor dots, sometimes a thin occluding line, and pixel noise.
+    Position, scale (circumradius 0.32-0.46 of the shorter side), rotation, stretch (up to 1.16x) and every
+    colour are drawn at random."""
+    w, h = (int(v) for v in rng.integers(size[0], size[1] + 1, size=2))
+    dark, bright = (0, 110), (130, 256)
+    if rng.random() < 0.5:  # polarity: a bright shape on a dark ground or a dark shape on a bright one
+        dark, bright = bright, dark
+    bg = _study_background(rng, w, h, *dark)
+    side = min(w, h)
+    r = side * rng.uniform(0.32, 0.46)
+    stretch = math.exp(rng.uniform(-0.15, 0.15))
+    angle = rng.uniform(0, 2 * math.pi)
+    cx, cy = rng.uniform(r * 0.9, w - r * 0.9), rng.uniform(r * 0.9, h - r * 0.9)
+    ca, sa, s = math.cos(angle), math.sin(angle), supersample
+    mask = Image.new("L", (w * s, h * s), 0)
+    draw = ImageDraw.Draw(mask)
+    for poly, fill in study_shape(kind):
+        pts = []
+        for x, y in poly:
+            x, y = x * r * stretch, y * r / stretch
+            pts.append(((cx + ca * x - sa * y) * s, (cy + sa * x + ca * y) * s))
+        draw.polygon(pts, fill=255 * fill)
+    alpha = np.asarray(mask.resize((w, h), Image.BOX), dtype=np.float32)[..., None] / 255.0
+    fg = np.broadcast_to(np.array(random_colour(rng, *bright), dtype=np.float32), (h, w, 3))
+    if rng.random() < 0.1:  # a faintly textured fill
+        tex = np.asarray(texture(TEXTURES[int(rng.integers(len(TEXTURES)))], rng, w, h), dtype=np.float32)
+        fg = fg + (tex - tex.mean((0, 1))) * 0.2
+    img = Image.fromarray(np.clip(bg * (1 - alpha) + fg * alpha, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(0, 3))):  # distractors, well below the shape's scale
+        q = rng.uniform(0.6, 1.4)
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x - q, y - q, x + q, y + q], fill=random_colour(rng))
+    if rng.random() < 0.1:  # an occluding line
+        x0, y0, x1, y1 = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, h)
+        draw.line([x0, y0, x1, y1], fill=random_colour(rng, *dark), width=1)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(2, 6), size=(h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def _write_study_images(job) -> None:
+    seed, split_id, start, stop, folder, size, labelled = job
+    folder = Path(folder)
+    for i in range(start, stop):
+        rng = np.random.default_rng([seed, 31, split_id, i])
+        if labelled:
+            ci, k = divmod(i, labelled)
+            name = STUDY_CLASSES[ci]
+            path = folder / name / f"{name}_{k:05d}.jpg"
+        else:
+            name = STUDY_CLASSES[int(rng.integers(len(STUDY_CLASSES)))]
+            path = folder / f"img_{i:07d}.jpg"
+        study_image(name, rng, size).save(path, quality=92)
+
+
+def make_study(
+    out: str | Path,
+    seed: int = 0,
+    pool: int = 20000,
+    train_per_class: int = 40,
+    val_per_class: int = 40,
+    size: tuple[int, int] = (36, 48),
+    workers: int = 0,
+) -> Path:
+    """Write the study set; returns its root. Deterministic in `seed` (not in `workers`: every image draws
+    from its own generator).
+
+    `<out>/pool/train/unlabeled/*.jpg`: `pool` images of uniformly drawn classes, labels not kept (the
+    pretraining data, `data.root=<out>/pool`). `<out>/labelled/{train,val}/<class>/*.jpg`: the small
+    labelled split of the downstream task (fine-tuning, linear probe, k-NN; `data.root=<out>/labelled`).
+    Image sides are drawn from `size` (inclusive)."""
+    out = Path(out)
+    jobs = []
+    chunk = 500
+    (out / "pool" / "train" / "unlabeled").mkdir(parents=True, exist_ok=True)
+    for start in range(0, pool, chunk):
+        jobs.append((seed, 0, start, min(start + chunk, pool), str(out / "pool" / "train" / "unlabeled"), size, 0))
+    for split, per_class, split_id in (("train", train_per_class, 1), ("val", val_per_class, 2)):
+        for name in STUDY_CLASSES:
+            (out / "labelled" / split / name).mkdir(parents=True, exist_ok=True)
+        n = per_class * len(STUDY_CLASSES)
+        for start in range(0, n, chunk):
+            jobs.append((seed, split_id, start, min(start + chunk, n), str(out / "labelled" / split), size, per_class))
+    if workers > 0:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as p:
+            p.map(_write_study_images, jobs)
+    else:
+        for job in jobs:
+            _write_study_images(job)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.datasets", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="kind", required=True)
@@ -357,8 +538,30 @@ def main(argv=None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--train-images", type=int, default=240)
     s.add_argument("--val-images", type=int, default=40)
+    st = sub.add_parser("study", help="the study set: unlabeled pool + small labelled split, 16 shape classes")
+    st.add_argument(
+        "--preset", choices=sorted(STUDY_PRESETS), default="cpu", help="sizes (cpu: 32 px models, gpu: 64 px)"
+    )
+    st.add_argument("--out", default=None, help="default: data/study-<preset>")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--pool", type=int, default=None, help="unlabeled images (default: the preset's)")
+    st.add_argument("--train-per-class", type=int, default=None)
+    st.add_argument("--val-per-class", type=int, default=None)
+    st.add_argument("--workers", type=int, default=0, help="processes (0: this one)")
     args = p.parse_args(argv)
     t0 = time.time()
+    if args.kind == "study":
+        sizes = dict(STUDY_PRESETS[args.preset])
+        for key in ("pool", "train_per_class", "val_per_class"):
+            if getattr(args, key) is not None:
+                sizes[key] = getattr(args, key)
+        root = make_study(args.out or f"data/study-{args.preset}", args.seed, **sizes, workers=args.workers)
+        n = sizes["pool"] + (sizes["train_per_class"] + sizes["val_per_class"]) * len(STUDY_CLASSES)
+        print(
+            f"wrote {n} images ({sizes['pool']} unlabeled, {len(STUDY_CLASSES)} classes) to {root} "
+            f"in {time.time() - t0:.1f}s"
+        )
+        return
     if args.kind == "imagenet":
         root = make_imagenet(args.out, args.seed, args.train_per_class, args.val_per_class)
         n = (args.train_per_class + args.val_per_class) * len(IMAGENET_CLASSES)
