@@ -174,7 +174,8 @@ def micro(tmp_path_factory):
 def test_micro_study_writes_study_json_in_the_issue_shape(micro):
     root, common, pre = micro
     out = root / "out"
-    summary = study.main(["targets", *common, "--out", str(out), "--targets", "teacher", "pixels", "--", *pre])
+    argv = ["targets", *common, "--out", str(out), "--targets", "teacher", "pixels", "--jobs", "2", "--", *pre]
+    summary = study.main(argv)  # the two seeds in two processes
     on_disk = json.loads((out / "study.json").read_text())
     assert on_disk["protocols"] == summary["protocols"]
     assert set(on_disk["protocols"]) == {"linprobe", "finetune", "knn"}
@@ -209,7 +210,8 @@ def test_micro_wider_distils_from_both_teachers(micro):
     out = root / "wider"
     seeds = ["--seeds", "0"]
     summary = study.main(["wider", *common, *seeds, "--out", str(out), "--", *pre])
-    assert set(summary["protocols"]["linprobe"]) == {"same", "wider", "teacher_same"}
+    assert set(summary["protocols"]["linprobe"]) == {"same", "wider", "teacher_same", "teacher_wider"}
+    assert set(summary["protocols"]["finetune"]) == {"same", "wider", "teacher_same"}
     res = json.loads((out / "pretrain" / "from-wider-s0" / "results.json").read_text())
     assert res["stages"] == [0, 1] and "wide-s0" in res["teacher"]
     student = json.loads((out / "pretrain" / "wide-s0" / "results.json").read_text())

@@ -72,6 +72,8 @@ def check_args(args) -> None:
         raise ConfigError(f"--epochs must be >= 1 (epochs per stage), got {args.epochs}")
     if len(args.seeds) < 1 or len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds must be one or more distinct integers, got {args.seeds}")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     if args.probe_epochs < 1:
         raise ConfigError(f"--probe-epochs must be >= 1, got {args.probe_epochs}")
     if args.command == "targets":
@@ -156,7 +158,7 @@ def pretrain(args, data: Path, name: str, overrides: list[str], stages: int | No
     return run_dir
 
 
-def finetune(args, data: Path, name: str, checkpoint: Path | None, seed: int) -> float:
+def run_finetune(args, data: Path, name: str, checkpoint: Path | None, seed: int) -> float:
     """Top-1 after the last epoch of the study's fine-tuning recipe (no selection on the validation set)."""
     from finetune.train import run as finetune_run
 
@@ -218,7 +220,8 @@ def random_encoder(model_size: str, seed: int) -> ViT:
 
 
 class Evaluator:
-    """The three protocols for one encoder; results cached in <out>/evals/<name>.json (a rerun skips them)."""
+    """The three protocols for one encoder; results (and the load report) cached in <out>/evals/<name>.json,
+    so a rerun, or the parent of `--jobs` workers, reads them instead of recomputing."""
 
     def __init__(self, args, data: Path):
         self.args, self.data = args, data
@@ -230,23 +233,50 @@ class Evaluator:
     def loaders(self):
         if self._loaders is None:
             img = preset(self.args.model)["img_size"]
-            self._loaders = probes.eval_loaders(self.data / "labelled", img, batch=256, workers=0)
+            self._loaders = probes.eval_loaders(labelled_root(self.data), img, batch=256, workers=0)
         return self._loaders
 
-    def __call__(self, name: str, checkpoint: Path | None, seed: int) -> dict:
+    def __call__(self, name: str, checkpoint: Path | None, seed: int, finetune: bool = True) -> dict:
         path = self.cache / f"{name}.json"
         if path.exists():
-            return json.loads(path.read_text())
-        device = torch.device(self.args.device)
-        encoder = random_encoder(self.args.model, seed) if checkpoint is None else load_encoder(checkpoint, self.loads)
-        train, val = self.loaders()
-        scores = probes.probe(encoder.to(device), train, val, device, epochs=self.args.probe_epochs, seed=seed)
-        del encoder
-        if self.args.finetune:
-            scores["finetune"] = finetune(self.args, self.data, name, checkpoint, seed)
-        print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-        path.write_text(json.dumps(scores) + "\n")
+            scores = json.loads(path.read_text())
+        else:
+            device = torch.device(self.args.device)
+            loads: dict[str, str] = {}
+            encoder = random_encoder(self.args.model, seed) if checkpoint is None else load_encoder(checkpoint, loads)
+            train, val = self.loaders()
+            scores = probes.probe(encoder.to(device), train, val, device, epochs=self.args.probe_epochs, seed=seed)
+            del encoder
+            if self.args.finetune and finetune:
+                scores["finetune"] = run_finetune(self.args, self.data, name, checkpoint, seed)
+            print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+            scores["load"] = loads
+            path.write_text(json.dumps(scores) + "\n")
+        self.loads.update(scores.pop("load", {}))
         return scores
+
+
+def run_seeds(args, per_seed) -> list:
+    """`per_seed(args, data, evaluate, seed)` for every seed; with `--jobs N` first in N processes (each with
+    its share of the CPU threads) that fill the run folders and the evaluation cache, then here from them."""
+    data = ensure_data(args)
+    if args.jobs > 1 and len(args.seeds) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.jobs, len(args.seeds)), mp_context=ctx) as pool:
+            for f in [pool.submit(_seed_job, vars(args), per_seed.__name__, s) for s in args.seeds]:
+                f.result()
+    evaluate = Evaluator(args, data)
+    return [per_seed(args, data, evaluate, seed) for seed in args.seeds], evaluate.loads
+
+
+def _seed_job(arg_dict: dict, fn: str, seed: int) -> None:
+    args = argparse.Namespace(**arg_dict)
+    torch.set_num_threads(max(1, torch.get_num_threads() // args.jobs))
+    data = ensure_data(args)
+    globals()[fn](args, data, Evaluator(args, data), seed)
 
 
 def target_overrides(spec: str, seed: int) -> list[str]:
@@ -283,20 +313,30 @@ def summarize(values: list[float]) -> dict:
     return {"mean": sum(values) / len(values), "seeds": list(values)}
 
 
+def targets_seed(args, data: Path, evaluate: Evaluator, seed: int) -> dict:
+    """One seed of claims (a)-(c): random init, then every first target's bootstrapped run, every stage."""
+    out = {"random_init": evaluate(f"random-s{seed}", None, seed), "targets": {}}
+    for spec in args.targets:
+        name = slug(spec)
+        run_dir = pretrain(args, data, f"{name}-s{seed}", target_overrides(spec, seed))
+        out["targets"][name] = [
+            evaluate(f"{name}-s{seed}-stage{k}", run_dir / f"checkpoint-stage{k}-student.pth", seed)
+            for k in range(args.stages)
+        ]
+    return out
+
+
 def run_targets(args) -> dict:
     """Claims (a)-(c): see the module docstring. Returns the study.json content."""
     t0 = time.time()
     data = ensure_data(args)
-    evaluate = Evaluator(args, data)
-    raw: dict = {"random_init": [], "targets": {slug(t): [[] for _ in range(args.stages)] for t in args.targets}}
-    for seed in args.seeds:
-        raw["random_init"].append(evaluate(f"random-s{seed}", None, seed))
-        for spec in args.targets:
-            name = slug(spec)
-            run_dir = pretrain(args, data, f"{name}-s{seed}", target_overrides(spec, seed))
-            for stage in range(args.stages):
-                student = run_dir / f"checkpoint-stage{stage}-student.pth"
-                raw["targets"][name][stage].append(evaluate(f"{name}-s{seed}-stage{stage}", student, seed))
+    per_seed, loads = run_seeds(args, targets_seed)
+    raw: dict = {
+        "random_init": [r["random_init"] for r in per_seed],
+        "targets": {
+            slug(t): [[r["targets"][slug(t)][k] for r in per_seed] for k in range(args.stages)] for t in args.targets
+        },
+    }
     summary = {
         "protocols": {
             p: {
@@ -317,7 +357,7 @@ def run_targets(args) -> dict:
         "finetune_recipe": args.finetune_recipe,
         "pretrain_overrides": list(args.overrides),
         "probe_epochs": args.probe_epochs,
-        "loads": evaluate.loads,
+        "loads": loads,
         "seconds": round(time.time() - t0, 1),
     }
     summary["claims"] = claims(summary)
@@ -435,48 +475,51 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def wider_seed(args, data: Path, evaluate: Evaluator, seed: int) -> dict:
+    """One seed of claim (d): both teacher chains, a student from each, the evaluations."""
+    final = f"checkpoint-stage{args.stages - 1}-student.pth"
+    same = pretrain(args, data, f"teacher-s{seed}", target_overrides("teacher", seed)) / final
+    wide = (
+        pretrain(args, data, f"wide-s{seed}", [*target_overrides("teacher", seed), f"model.size={args.wide}"]) / final
+    )
+    out = {}
+    for key, teacher, size in (("same", same, args.model), ("wider", wide, args.wide)):
+        student = pretrain(
+            args,
+            data,
+            f"from-{key}-s{seed}",
+            [
+                f"seed={seed}",
+                "target.kind=teacher",
+                f"teacher.checkpoint={teacher}",
+                f"teacher.size={size}",
+                "teacher.bootstrap=false",
+            ],
+            stages=1,
+        )
+        out[key] = evaluate(f"from-{key}-s{seed}", student / "checkpoint-stage0-student.pth", seed)
+    # the teachers themselves, for reference (the wider one by the frozen-feature protocols only)
+    out["teacher_same"] = evaluate(f"teacher-s{seed}-stage{args.stages - 1}", same, seed)
+    out["teacher_wider"] = evaluate(f"wide-s{seed}-stage{args.stages - 1}", wide, seed, finetune=False)
+    return out
+
+
 def run_wider(args) -> dict:
     """Claim (d): a student distilled from a wider dBOT teacher vs one distilled from a same-size dBOT teacher,
     both teachers pretrained here with the same chain (random first teacher, `--stages` bootstrapped stages)."""
     t0 = time.time()
-    data = ensure_data(args)
-    evaluate = Evaluator(args, data)
-    final = f"checkpoint-stage{args.stages - 1}-student.pth"
-    raw: dict = {"same": [], "wider": [], "teacher_same": [], "teacher_wider": []}
-    for seed in args.seeds:
-        same = pretrain(args, data, f"teacher-s{seed}", target_overrides("teacher", seed)) / final
-        wide = (
-            pretrain(args, data, f"wide-s{seed}", [*target_overrides("teacher", seed), f"model.size={args.wide}"])
-            / final
-        )
-        for key, teacher, size in (("same", same, args.model), ("wider", wide, args.wide)):
-            student = pretrain(
-                args,
-                data,
-                f"from-{key}-s{seed}",
-                [
-                    f"seed={seed}",
-                    "target.kind=teacher",
-                    f"teacher.checkpoint={teacher}",
-                    f"teacher.size={size}",
-                    "teacher.bootstrap=false",
-                ],
-                stages=1,
-            )
-            raw[key].append(evaluate(f"from-{key}-s{seed}", student / "checkpoint-stage0-student.pth", seed))
-        # the teachers themselves, for reference (the wide one only by the frozen-feature protocols)
-        raw["teacher_same"].append(evaluate(f"teacher-s{seed}-stage{args.stages - 1}", same, seed))
+    per_seed, loads = run_seeds(args, wider_seed)
+    raw = {k: [r[k] for r in per_seed] for k in ("same", "wider", "teacher_same", "teacher_wider")}
     summary = {
         "protocols": {
-            p: {k: summarize([r[p] for r in raw[k]]) for k in ("same", "wider", "teacher_same")}
-            for p in protocols(args)
+            p: {k: summarize([r[p] for r in v]) for k, v in raw.items() if p in v[0]} for p in protocols(args)
         },
         "seeds": list(args.seeds),
         "model": args.model,
         "wide": args.wide,
         "stages": args.stages,
         "epochs_per_stage": args.epochs,
-        "loads": evaluate.loads,
+        "loads": loads,
         "seconds": round(time.time() - t0, 1),
     }
     summary["claims"] = {
@@ -490,12 +533,16 @@ def run_wider(args) -> dict:
         f"({args.stages} stages x {args.epochs} epochs) of the same size or wider ({args.wide}); top-1 (%), mean over "
         f"seeds {args.seeds} (min-max).",
         "",
-        "| protocol | same-size teacher | wider teacher | wider - same | the same-size teacher itself |",
-        "|---|---|---|---|---|",
+        "| protocol | student of the same-size teacher | student of the wider teacher | wider - same "
+        "| same-size teacher itself | wider teacher itself |",
+        "|---|---|---|---|---|---|",
     ]
     for p, v in summary["protocols"].items():
         d = summary["claims"][p]["d_wider_minus_same"]
-        lines.append(f"| {p} | {fmt(v['same'])} | {fmt(v['wider'])} | {d:+.1f} | {fmt(v['teacher_same'])} |")
+        wide = fmt(v["teacher_wider"]) if "teacher_wider" in v else "-"
+        lines.append(f"| {p} | {fmt(v['same'])} | {fmt(v['wider'])} | {d:+.1f} | {fmt(v['teacher_same'])} | {wide} |")
+    for p, c in summary["claims"].items():
+        lines.append(f"\n(d) {p}: wider - same {c['d_wider_minus_same']:+.1f} -> {verdict(c['d'])}")
     lines.append(f"\nWall time {summary['seconds'] / 60:.1f} min.")
     table = "\n".join(lines)
     (out / "wider.md").write_text(table + "\n")
@@ -524,6 +571,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="auto", help="auto | cpu | cuda")
         s.add_argument("--workers", type=int, default=None, help="data-loader workers per run")
         s.add_argument("--data-workers", type=int, default=0, help="processes generating the study set")
+        s.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (threads shared out)")
         s.add_argument(
             "--no-finetune", dest="finetune", action="store_false", help="frozen-feature protocols only (cheap)"
         )
