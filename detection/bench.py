@@ -51,10 +51,10 @@ def bench(args) -> dict:
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 
     def train_step():
-        group = stepper.group(0, 1)
+        stepper.start_step()
         with stepper.autocast():
             losses = model(images, sizes, targets)
-        stepper.backward(sum(losses.values()), group)
+        stepper.backward(sum(losses.values()))
         stepper.step()
 
     def infer():

@@ -48,7 +48,8 @@ def bench(args) -> dict:
         x, y = mixup(images, labels)
         with stepper.autocast():
             loss = criterion(fwd(x), y)
-        stepper.backward(loss, stepper.group(0, 1))
+        stepper.start_step()
+        stepper.backward(loss)
         stepper.step()
 
     def eval_step():

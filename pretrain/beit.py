@@ -56,6 +56,13 @@ class SymmetricStudent(ViT):
         **arch,
     ):
         super().__init__(fixed_pos_embed=True, init_values=layer_scale, drop_path_rate=drop_path_rate, **arch)
+        self.init_args = dict(
+            target_dim=target_dim,
+            layer_scale=layer_scale,
+            rel_pos_bias=rel_pos_bias,
+            drop_path_rate=drop_path_rate,
+            **arch,
+        )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         self.rel_pos_bias = RelativePositionBias(self.grid_size, self.num_heads) if rel_pos_bias else None
         self.decoder_pred = nn.Linear(self.embed_dim, target_dim)

@@ -134,7 +134,7 @@ def evaluate(args, checkpoint: Path, arch: dict, eval_dir: Path) -> float:
     if args.eval == "linprobe":
         overrides.append("task=linprobe")
     cfg = load_config(REPO / "finetune" / "configs", recipe, overrides)
-    return float(finetune_run(cfg)["top1"])
+    return float(finetune_run(cfg)["metrics"]["top1"])
 
 
 def markdown(summary: dict) -> str:

@@ -41,10 +41,10 @@ def bench(args) -> dict:
     fwd = model
 
     def step():
-        g = stepper.group(0, 1)
+        stepper.start_step()
         with stepper.autocast():
             loss = fwd(images, labels)["loss"]
-        stepper.backward(loss, g)
+        stepper.backward(loss)
         stepper.step()
 
     model.train()

@@ -152,7 +152,10 @@ def test_finetune_from_pretrained_writes_results(tiny_imagenet, tiny_pretrained,
     res = run(finetune_config(tiny_imagenet, tmp_path / "ft", f"checkpoint={tiny_pretrained}"))
     saved = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert saved["task"] == "finetune" and saved["checkpoint"] == str(tiny_pretrained)
-    assert saved["checkpoint_sha256"] and 0 <= saved["top1"] <= 100 and saved["top5"] >= saved["top1"]
+    m = saved["metrics"]
+    assert (
+        saved["checkpoint_sha256"] and 0 <= m["top1"] <= 100 and m["top5"] >= m["top1"] and saved["eval_images"] == 16
+    )
     assert res["num_classes"] == 4 and (tmp_path / "ft" / "checkpoint-best.pth").exists()
     # the encoder started from the pretrained weights: fine-tuning moved them, but not far in 2 epochs
     pre = ckpt.load(tiny_pretrained)["model"]["blocks.0.attn.qkv.weight"]

@@ -86,11 +86,11 @@ def bench_pretrain(args) -> dict:
     fwd_student, fwd_target = student, target
 
     def step():
-        g = stepper.group(0, 1)
+        stepper.start_step()
         with stepper.autocast():
             goal = fwd_target(images, mask)
             pred = fwd_student(images, mask)
-        stepper.backward(target.loss(pred, goal, mask), g)
+        stepper.backward(target.loss(pred, goal, mask))
         stepper.step()
 
     # FLOPs counted eagerly: the counter's module hooks must not be traced into the compiled graphs
