@@ -405,7 +405,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
                 continue
             grad_norm = stepper.step()
             step = stepper.step_count
-            target.after_step(student, step / total_steps)
+            target.after_step(student, epoch - plan.stages.start(stage), plan.stages.length(stage))
             if step % cfg.log.every == 0 or i == batches - 1:
                 mean_loss = dist.all_reduce_mean(loss_sum / max(loss_count, 1)).item()
                 if not math.isfinite(mean_loss):
@@ -423,7 +423,7 @@ def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
                 loss_sum.zero_()
                 loss_count, imgs_since, t_last = 0, 0, now
             log.update(1)
-        target.after_epoch(student, (epoch + 1) / plan.stages.total_epochs)
+        target.after_epoch(student, epoch - plan.stages.start(stage), plan.stages.length(stage))
 
         # ---- end of epoch: at a stage end the stage checkpoints, then the switch; "last" for resume
         stage_end = plan.stages.is_last_epoch_of_stage(epoch)

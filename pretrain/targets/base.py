@@ -45,12 +45,13 @@ def token_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, k
 
 class Target(nn.Module):
     """Base class. Subclasses set `name`, `dim`, `has_cls` and the loss defaults, and implement `compute`.
-    norm / loss / include_cls given as None take the subclass defaults."""
+    norm / loss / beta / include_cls given as None take the subclass defaults."""
 
     name = "target"
     has_cls = True
     default_norm = "standardize"
     default_loss = "smooth_l1"
+    default_beta = 2.0  # SmoothL1 beta of the released dBOT loss
     default_include_cls = True
 
     def __init__(
@@ -59,14 +60,14 @@ class Target(nn.Module):
         *,
         norm: str | None = None,
         loss: str | None = None,
-        beta: float = 2.0,
+        beta: float | None = None,
         include_cls: bool | None = None,
     ):
         super().__init__()
         self.dim = dim
         self.norm = norm or self.default_norm
         self.loss_kind = loss or self.default_loss
-        self.beta = beta
+        self.beta = self.default_beta if beta is None else float(beta)
         self.include_cls = (self.default_include_cls if include_cls is None else include_cls) and self.has_cls
 
     def compute(self, images: torch.Tensor, mask) -> torch.Tensor:  # pragma: no cover - interface
@@ -84,11 +85,13 @@ class Target(nn.Module):
         return token_loss(pred, target, torch.cat([cls, m], dim=1), self.loss_kind, self.beta)
 
     # hooks -------------------------------------------------------------------------------------------
-    def after_step(self, student: nn.Module, progress: float) -> None:
-        """Called after every optimizer step with the training progress in [0, 1] (EMA teachers)."""
+    # `epoch` is the 0-based index of the epoch within the current stage and `epochs` the stage's length in
+    # epochs (schedules restart every stage, as the learning rate does).
+    def after_step(self, student: nn.Module, epoch: int, epochs: int) -> None:
+        """Called after every optimizer step of epoch `epoch` (EMA teachers updated per iteration)."""
 
-    def after_epoch(self, student: nn.Module, progress: float) -> None:
-        """Called after every epoch with the training progress in [0, 1]."""
+    def after_epoch(self, student: nn.Module, epoch: int, epochs: int) -> None:
+        """Called at the end of epoch `epoch`, before the stage switch."""
 
     def resume_state(self) -> dict:
         """What checkpoint-last.pth stores to restore this target (its weights by default)."""
