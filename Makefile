@@ -62,7 +62,7 @@ help: ## this list
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,interop]' --config-settings editable_mode=compat
 	@touch $@
 
 venv: $(VENV)/.installed ## create/refresh the virtual environment in .venv
