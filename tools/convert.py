@@ -455,7 +455,8 @@ def consumer(layout: str, sd: dict) -> Consumer | None:
         keys |= flat("fc_norm" if a["fc_norm"] else "norm", ln)
         if a["num_classes"]:
             keys |= flat("head", lin(a["num_classes"], d))
-        return Consumer(layout, "timm.create_model", {"model_name": name, **kw}, keys)
+        note = "" if a["size"] else "(the weights match no preset: add its num_heads)"
+        return Consumer(layout, "timm.create_model", {"model_name": name, **kw}, keys, note=note)
 
     if layout in ("detectron2", "mmdet"):
         parts = {**flat("norm1", ln), **flat("attn.qkv", lin(3 * d, d)), **flat("attn.proj", lin(d, d))}
