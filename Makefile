@@ -55,14 +55,14 @@ help: ## this list
 	@echo "  NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)  multi-node rendezvous"
 	@echo "  BENCH=$(BENCH)  make bench: which throughput benchmarks to run"
 	@echo "  ARGS=           extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
-	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmdet mmseg mmpretrain backbone) and output file"
+	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmdet mmseg mmseg-vit mmpretrain backbone) and output file"
 	@echo "  LABELS=         table: YAML naming the rows of checkpoints not made here (see README)"
 	@echo "  PYTHON=$(PYTHON) interpreter used to create $(VENV)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,interop]' --config-settings editable_mode=compat
 	@touch $@
 
 venv: $(VENV)/.installed ## create/refresh the virtual environment in .venv
@@ -106,7 +106,7 @@ ade20k: venv $(if $(DATA),,$(TINY)/ade20k/.done) $(CKPT_DEPS) ## ADE20K UperNet 
 	$(LAUNCH) segmentation -c $(MODEL) data.root=$(if $(DATA),$(DATA),$(TINY)/ade20k) checkpoint=$(START_CKPT) \
 		out=$(RUNS)/ade20k-$(MODEL) $(ARGS)
 
-convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmdet|mmseg|mmpretrain|backbone [OUT=...]
+convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmdet|mmseg|mmseg-vit|mmpretrain|backbone [OUT=...]
 	$(PY) -m tools.convert $(START_CKPT) $(if $(OUT),$(OUT),$(basename $(START_CKPT))-$(TO).pth) --to $(TO) $(if $(filter-out tiny,$(MODEL)),--model $(MODEL),)
 
 table: venv ## results table from every results.json under RUNS (Markdown printed; LaTeX, CSV, PNG in RUNS/table)

@@ -25,7 +25,7 @@ A task's hooks, in the order `fit` calls them:
     train_mode()                          at the start and after every evaluation
     prepare(batch, epoch, index)          eager: to the device, CPU-side randomness (Mixup)
     forward(model, *inputs) -> losses     {'loss': backpropagated, ...: logged}; compiled with compile=true
-    after_step(step)                      e.g. an EMA teacher update
+    after_step(step, epoch)               e.g. an EMA teacher update
     evaluate(step) -> metrics             when due, and at the end
     end_of_epoch(epoch, summary) -> bool  epoch unit: True forces checkpoint-last (a stage end)
     state_dict() / meta()                 what checkpoint-last.pth stores for the task
@@ -101,8 +101,8 @@ class Task:
         """Images in a micro-batch (throughput)."""
         return len(inputs[0])
 
-    def after_step(self, step: int) -> None:
-        pass
+    def after_step(self, step: int, epoch: int) -> None:
+        """After optimizer step `step` (1-based count), taken in epoch `epoch`."""
 
     def evaluate(self, step: int) -> dict | None:
         return None
@@ -331,7 +331,7 @@ class Trainer:
             logging = (step + 1) % cfg.log.every == 0 or layout.ends_epoch(step) or step + 1 == total
             grad_norm = stepper.step(norm=logging)
             step = stepper.step_count
-            task.after_step(step)
+            task.after_step(step, epoch)
             log.update(1)
             if logging:
                 self._log_line(step, epoch, window, grad_norm)

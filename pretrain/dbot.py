@@ -186,7 +186,7 @@ class Target(nn.Module):
         self.dim = dim
         self.norm = norm or self.default_norm
         self.loss_kind = loss or self.default_loss
-        self.beta = self.default_beta if beta is None else beta
+        self.beta = self.default_beta if beta is None else float(beta)
         self.include_cls = (self.default_include_cls if include_cls is None else include_cls) and self.has_cls
 
     def compute(self, images: torch.Tensor, mask: Mask) -> torch.Tensor:  # pragma: no cover - interface
@@ -211,11 +211,13 @@ class Target(nn.Module):
     def options(self) -> dict:
         return dict(norm=self.norm, loss=self.loss_kind, beta=self.beta, include_cls=self.include_cls)
 
-    def after_step(self, student: nn.Module, progress: float) -> None:
-        """Called after every optimizer step with the training progress in [0, 1] (EMA teachers)."""
+    # hooks: `epoch` is the 0-based epoch within the current stage, `epochs` the stage's length (schedules
+    # restart every stage, as the learning rate does)
+    def after_step(self, student: nn.Module, epoch: int, epochs: int) -> None:
+        """Called after every optimizer step of epoch `epoch` (EMA teachers updated per iteration)."""
 
-    def after_epoch(self, student: nn.Module, progress: float) -> None:
-        """Called after every epoch with the training progress in [0, 1]."""
+    def after_epoch(self, student: nn.Module, epoch: int, epochs: int) -> None:
+        """Called at the end of epoch `epoch`, before the stage switch."""
 
     def resume_state(self) -> dict:
         """What checkpoint-last.pth stores to restore this target (its weights by default)."""
@@ -311,6 +313,9 @@ class Stages:
             if epoch < self.boundaries[s + 1]:
                 return s
         raise ValueError(f"epoch {epoch} is past the last stage ({self.total_epochs} epochs)")
+
+    def start(self, stage: int) -> int:
+        return self.boundaries[stage]
 
     def length(self, stage: int) -> int:
         return self.boundaries[stage + 1] - self.boundaries[stage]

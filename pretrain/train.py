@@ -283,8 +283,9 @@ class Pretrain(trainer.Task):
     def forward(self, model, images, spec):
         return {"loss": dbot.distill(model, self.target, images, self.masker(spec))}
 
-    def after_step(self, step: int) -> None:
-        self.target.after_step(self.student, step / len(self.schedule))
+    def after_step(self, step: int, epoch: int) -> None:
+        stages = self.plan.stages
+        self.target.after_step(self.student, epoch - stages.start(self.stage), stages.length(self.stage))
 
     def log_fields(self) -> dict:
         return {"stage": self.stage}
@@ -292,7 +293,7 @@ class Pretrain(trainer.Task):
     def end_of_epoch(self, epoch: int, summary: dict) -> bool:
         """At a stage end: the stage's checkpoints, then the switch to the next stage (checkpoint-last follows)."""
         stages = self.plan.stages
-        self.target.after_epoch(self.student, (epoch + 1) / stages.total_epochs)
+        self.target.after_epoch(self.student, epoch - stages.start(self.stage), stages.length(self.stage))
         if not stages.is_last_epoch_of_stage(epoch):
             return False
         self.stage_losses[str(self.stage)] = summary["loss"]

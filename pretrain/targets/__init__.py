@@ -2,11 +2,11 @@
 
 | kind | what the student predicts | default norm / loss |
 |---|---|---|
-| `teacher` | a frozen ViT (`dbot.TeacherTarget`): random, bootstrapped, a checkpoint | standardize / SmoothL1 + cls |
-| `timm` | a fixed pretrained timm ViT (CLIP, DINO, ...) from `target.timm.*` | layernorm / SmoothL1 (MaskDistill) |
-| `pixels` | patch pixels (MAE), per-patch normalised | standardize / MSE |
-| `hog` | HOG histograms per patch (MaskFeat) | none / MSE |
-| `ema` | an EMA of the student, multi-fold (SdAE) | standardize / 1 - cosine |
+| `teacher` | a frozen ViT (`dbot.TeacherTarget`): random, bootstrapped, a file | standardize / SmoothL1(2) + cls |
+| `timm` | a fixed pretrained timm ViT (CLIP, DINO, ...) from `target.timm.*` | layernorm / SmoothL1(1) (MaskDistill) |
+| `pixels` | patch pixels (MAE `models_mae.py`), per-patch standardised with `norm_pix` | standardize or none / MSE |
+| `hog` | HOG histograms per patch (MaskFeat: SlowFast `HOGLayerC`) | none / MSE |
+| `ema` | an EMA of the student, multi-fold (SdAE's released code) | standardize / 1 - cosine |
 
 With `teacher.bootstrap=true` every stage after the first distils from the previous stage's student
 (`dbot.TeacherTarget`), whatever the first target was: the paper's study of target representations.
@@ -43,12 +43,22 @@ def build_independent(t, options: dict, patch_size: int, grid: tuple[int, int]) 
     if t.kind == "pixels":
         return PixelTarget(patch_size, norm_pix=t.pixels.norm_pix, **options)
     if t.kind == "hog":
-        return HOGTarget(patch_size, bins=t.hog.bins, cell=t.hog.cell, **options)
+        return HOGTarget(patch_size, bins=t.hog.bins, cell=t.hog.cell, gaussian_window=t.hog.gaussian_window, **options)
     raise ValueError(f"target.kind={t.kind} depends on the student")
 
 
 def build_ema(t, options: dict, student) -> Target:
-    return EMATarget(student, momentum=tuple(t.ema.momentum), every=t.ema.every, folds=t.ema.folds, **options)
+    e = t.ema
+    return EMATarget(
+        student,
+        momentum=tuple(e.momentum),
+        every=e.every,
+        every_epochs=e.every_epochs,
+        folds=e.folds,
+        drop_remainder=e.drop_remainder,
+        cosine_over=e.cosine_over,
+        **options,
+    )
 
 
 __all__ = [
