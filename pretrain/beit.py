@@ -4,7 +4,7 @@ replace the masked patch embeddings at the input, all tokens go through the enco
 target at every position. Block-wise masking (`pretrain.masking.BlockMasking`) is its usual partner.
 
 Parameter names stay timm's (`blocks.N.ls1.gamma` for layer scale); the shared bias is
-`rel_pos_bias.table` and the head `decoder_pred`, both dropped by `tools.convert.read_backbone`, so the
+`rel_pos_bias.table` and the head `decoder_pred`, both dropped by `core.weights.read_backbone`, so the
 encoder loads into every downstream task like any other checkpoint.
 """
 

@@ -21,11 +21,11 @@ from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, 
 from core.monitor import RunLogger, write_results
 from core.optim import param_groups, warmup_cosine
 from core.vit import preset
+from core.weights import read_backbone
 from pretrain import dbot, targets
 from pretrain.beit import SymmetricStudent
 from pretrain.masking import BlockMasking, RandomMasking
 from pretrain.model import MaskedStudent
-from tools.convert import read_backbone
 
 FORMAT = "dbot-suite/pretrain/v1"
 
