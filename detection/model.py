@@ -84,7 +84,7 @@ def backbone_arch(cfg) -> dict:
         drop_path_rate=m.drop_path,
         window_size=m.window_size,
         global_blocks=tuple(m.global_blocks) if m.global_blocks is not None else GLOBAL_BLOCKS[m.size],
-        grad_checkpoint=m.grad_checkpoint,
+        grad_checkpointing=m.grad_checkpointing,
     )
 
 

@@ -20,7 +20,11 @@ def build_classifier(cfg, num_classes: int) -> ViT:
     arch = preset(m.size, **({"img_size": m.img_size} if m.img_size else {}))
     linprobe = cfg.task == "linprobe"
     model = ViT(
-        **arch, num_classes=num_classes, global_pool=m.global_pool, drop_path_rate=0.0 if linprobe else m.drop_path
+        **arch,
+        num_classes=num_classes,
+        global_pool=m.global_pool,
+        drop_path_rate=0.0 if linprobe else m.drop_path,
+        grad_checkpointing=m.grad_checkpointing,
     )
     if linprobe:
         model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), model.head)
