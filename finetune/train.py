@@ -23,7 +23,7 @@ from core import dist, engine
 from core.config import ConfigError, save_config, to_dict
 from core.data import Augmented, DataError, make_loader, sample_seed, seeded, train_eval_samplers
 from core.monitor import RunLogger, file_sha256, write_results
-from core.optim import no_weight_decay, param_groups, warmup_cosine
+from core.optim import mae_finetune_groups, warmup_cosine
 from finetune.data import base_datasets, eval_transform, train_transform
 from finetune.evaluate import evaluate
 from finetune.model import build_classifier, freeze_for_linprobe, init_head, load_pretrained, read_pretrained
@@ -75,16 +75,7 @@ def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
             momentum=0.9,
             trust_coeff=0.001,
         )
-    standard = o.skip_decay == "standard"
-    groups = param_groups(
-        model,
-        o.weight_decay,
-        layer_decay=o.layer_decay,
-        layer_id=model.layer_id,
-        num_layers=model.num_layers,
-        skip_decay=no_weight_decay if standard else (lambda name, p: False),
-        extra_no_decay=tuple(model.no_weight_decay()) if standard else (),
-    )
+    groups = mae_finetune_groups(model, o.weight_decay, o.layer_decay, exempt=o.skip_decay == "standard")
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas))
 
 

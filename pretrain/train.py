@@ -19,7 +19,7 @@ from core import dist, engine
 from core.config import ConfigError, save_config, to_dict
 from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, make_loader
 from core.monitor import RunLogger, write_results
-from core.optim import param_groups, warmup_cosine
+from core.optim import mae_pretrain_groups, warmup_cosine
 from core.vit import preset
 from core.weights import read_backbone
 from pretrain import dbot, targets
@@ -222,7 +222,7 @@ def build_models(plan: Plan, stage: int, state: dict | None):
 
 def build_optimizer(plan: Plan, student) -> torch.optim.Optimizer:
     o = plan.cfg.optim
-    groups = param_groups(student, o.weight_decay)
+    groups = mae_pretrain_groups(student, o.weight_decay)
     return torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(o.betas))
 
 

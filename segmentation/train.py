@@ -23,7 +23,7 @@ from core import dist, engine
 from core.config import ConfigError, save_config, to_dict
 from core.data import DataError, ShardedSampler, eval_sampler, make_loader
 from core.monitor import RunLogger, file_sha256, write_results
-from core.optim import param_groups, warmup_poly
+from core.optim import mmseg_groups, warmup_poly
 from core.vit import preset
 from segmentation.data import ADE20K, TrainPipeline, check_labels, class_names
 from segmentation.evaluate import class_table, evaluate
@@ -67,9 +67,7 @@ def check(cfg: DictConfig, env: dist.DistEnv) -> dict:
 
 def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = param_groups(
-        model, o.weight_decay, layer_decay=o.layer_decay, layer_id=model.layer_id, num_layers=model.num_layers
-    )
+    groups = mmseg_groups(model, o.weight_decay, o.layer_decay)
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas))
 
 
