@@ -118,17 +118,19 @@ ANALYSIS_DATA = $(if $(DATA),$(DATA),$(TINY)/imagenet/val)
 analysis: venv $(TINY_DEPS) $(CKPT_DEPS) ## attention distance + singular values: make analysis CKPT="a.pth mae=b.pth" DATA=/imagenet/val
 	$(PY) -m tools.analysis $(START_CKPT) --data $(ANALYSIS_DATA) --out $(if $(OUT),$(OUT),$(RUNS)/analysis) $(ARGS)
 
-test: venv ## lint + the fast test suite (includes one tiny end-to-end run)
+test: venv ## lint + import layers + the fast test suite (includes one tiny end-to-end run)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: venv ## every test, the slow end-to-end ones too
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: venv ## ruff check + format check
+lint: venv ## ruff check + format check + import layers (core <- tasks <- tools, pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: venv ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff format .

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from core import checkpoint as ckpt
-from core import dist, engine
+from core import dist, engine, weights
 from core.config import ConfigError, save_config, to_dict
 from core.monitor import RunLogger, write_results
 
@@ -130,6 +130,13 @@ class Task:
 
     def describe(self) -> str:
         return self.name
+
+    def pretraining(self) -> dict | None:
+        """How the weights this run starts from were pretrained (`core.weights.pretraining_setting` of
+        `checkpoint`; None for random init or a file not made by this suite). Recorded in checkpoint-last's
+        meta and results.json, so that a table places the run without reconstructing anything."""
+        path = self.cfg.get("checkpoint")
+        return weights.pretraining_setting(path) if path and Path(path).is_file() else None
 
     def results(self, last_eval: dict | None) -> dict:
         return {}
@@ -246,6 +253,7 @@ class Trainer:
     def __init__(self, task: Task):
         self.task, self.cfg, self.env = task, task.cfg, task.env
         self.checkpoints: dict[str, str] = {}
+        self.pretraining: dict | None = None
         self.last_eval: dict | None = None  # {"step": k, "metrics": {...}}
         self.log: RunLogger | None = None
         task.trainer = self
@@ -279,6 +287,7 @@ class Trainer:
         if env.is_main:
             ckpt.remove_stale_temporaries(task.out)
         task.build(state)
+        self.pretraining = task.pretraining()
         layout = Layout(task.check_batches(task.train_sampler), task.accum, task.unit)
         total = len(task.schedule)
         model = engine.ddp(task.model, env)
@@ -435,7 +444,7 @@ class Trainer:
                     "checkpoints": self.checkpoints,
                     "last_eval": self.last_eval,
                 },
-                "meta": {"format": task.format, **task.meta()},
+                "meta": {"format": task.format, "pretraining": self.pretraining, **task.meta()},
                 "config": to_dict(self.cfg),
             }
             ckpt.save(state, path)
@@ -444,6 +453,7 @@ class Trainer:
     def _results(self, speed: dict) -> dict:
         task = self.task
         record = task.results(self.last_eval["metrics"] if self.last_eval else None)
+        record.setdefault("pretraining", self.pretraining)
         record.setdefault("checkpoints", dict(self.checkpoints))
         record["speed"] = speed
         record.setdefault("config", str(task.out / "config.yaml"))
@@ -457,6 +467,7 @@ class Trainer:
         task, env = self.task, self.env
         engine.seed_everything(self.cfg.seed, env.rank)
         task.build(None)
+        self.pretraining = task.pretraining()
         self.log = RunLogger(task.out, enabled=env.is_main, tensorboard=self.cfg.log.tensorboard)
         if env.is_main:
             save_config(self.cfg, task.out / "config.yaml")

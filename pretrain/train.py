@@ -15,10 +15,10 @@ from omegaconf import DictConfig
 from torchvision import transforms
 
 from core import checkpoint as ckpt
-from core import dist, engine, trainer
+from core import dist, engine, trainer, weights
 from core.config import ConfigError, to_dict
 from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, make_loader
-from core.optim import param_groups, warmup_cosine
+from core.optim import adamw, mae_pretrain_groups, warmup_cosine
 from core.vit import preset
 from pretrain import dbot, targets
 from pretrain.beit import SymmetricStudent
@@ -137,6 +137,7 @@ def build_student(plan: Plan, stage: int, target_dim: int, depth: int | None = N
             **arch,
         )
     student.initialize_weights(torch.Generator().manual_seed(plan.stage_seed(stage)))
+    student.set_grad_checkpointing(c.grad_checkpointing)  # encoder blocks (timm's switch)
     return student
 
 
@@ -266,7 +267,7 @@ class Pretrain(trainer.Task):
 
     def optimizer_for(self, student) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return torch.optim.AdamW(param_groups(student, o.weight_decay), lr=self.plan.lr, betas=tuple(o.betas))
+        return adamw(mae_pretrain_groups(student, o.weight_decay), lr=self.plan.lr, betas=o.betas, device=self.device)
 
     def load_state_dict(self, state) -> None:
         self.stage_losses = dict(state.get("stage_losses", {}))
@@ -337,6 +338,7 @@ class Pretrain(trainer.Task):
         self.saved(f"stage{self.stage}_student", ckpt.save(state, self.out / f"{name}-student.pth"))
         teacher = getattr(self.target, "teacher", None)
         if teacher is not None:
+            meta = {"format": FORMAT, **self.meta(teacher_file=True)}
             path = ckpt.save({"model": teacher.state_dict(), "meta": meta}, self.out / f"{name}-teacher.pth")
             self.saved(f"stage{self.stage}_teacher", path)
 
@@ -350,9 +352,11 @@ class Pretrain(trainer.Task):
             "skipped": total,
         }
 
-    def meta(self) -> dict:
+    def meta(self, teacher_file: bool = False) -> dict:
+        """What a checkpoint of this stage records, with the pretraining setting of its weights (the student's,
+        or for a teacher file the teacher's) as `core.weights` describes it."""
         teacher = getattr(self.target, "teacher", None)
-        return {
+        meta = {
             "stage": self.stage,
             "student_kind": self.cfg.model.kind,
             "student_arch": self.plan.student_arch(self.stage),
@@ -362,6 +366,8 @@ class Pretrain(trainer.Task):
             "teacher": dbot.teacher_spec(teacher) if teacher is not None else None,
             "first_target": self.first,
         }
+        meta["pretraining"] = weights.stage_setting(to_dict(self.cfg), self.stage, meta, teacher=teacher_file)
+        return meta
 
     def describe(self) -> str:
         cfg, plan = self.cfg, self.plan
@@ -393,6 +399,7 @@ class Pretrain(trainer.Task):
             "final_student": str(self.out / f"checkpoint-stage{final}-student.pth"),
             "global_batch": cfg.optim.global_batch,
             "lr": self.plan.lr,
+            "pretraining": self.meta()["pretraining"],  # what the final student is
         }
 
 
