@@ -135,10 +135,10 @@ format: venv ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 
 bench: venv ## throughput of MODEL (tiny, CPU by default) for each task in BENCH; ARGS go to each; see docs/BENCHMARKS.md
-	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain --model $(MODEL) $(ARGS))
-	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench --model $(MODEL) $(ARGS))
+	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain -c $(MODEL) $(ARGS))
+	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench -c $(MODEL) $(ARGS))
 	$(if $(filter coco,$(BENCH)),$(PY) -m detection.bench -c $(MODEL) $(ARGS))
-	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench --recipe $(MODEL) $(ARGS))
+	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench -c $(MODEL) $(ARGS))
 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf $(TINY) $(RUNS)
