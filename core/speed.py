@@ -116,7 +116,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 # --------------------------------------------------------------------------------------- command line
 def parser(prog: str, doc: str, default_recipe: str = "tiny") -> argparse.ArgumentParser:
     """The benchmarks' one flag style: `-c RECIPE [key=value ...]` (the task's own config: model, device,
-    amp, batch...) plus the measurement flags shared by every task."""
+    amp, batch...) plus the measurement flags shared by every task. Parse with `parse_intermixed_args`, so
+    overrides may stand before and after the flags."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     p.add_argument("-c", "--config", default=default_recipe, help="the task's recipe (name or .yaml path)")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides, e.g. device=cuda amp=bf16")

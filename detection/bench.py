@@ -88,7 +88,7 @@ def bench(args) -> dict:
 def main(argv=None) -> None:
     p = speed.parser("python -m detection.bench", __doc__)
     p.add_argument("--classes", type=int, default=80, help="object categories (synthetic instances)")
-    print(json.dumps(bench(p.parse_args(argv))))
+    print(json.dumps(bench(p.parse_intermixed_args(argv))))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def bench(args) -> dict:
 def main(argv=None) -> None:
     p = speed.parser("python -m finetune.bench", __doc__)
     p.add_argument("--classes", type=int, default=1000, help="classifier outputs (synthetic labels)")
-    print(json.dumps(bench(p.parse_args(argv))))
+    print(json.dumps(bench(p.parse_intermixed_args(argv))))
 
 
 if __name__ == "__main__":

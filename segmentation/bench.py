@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--classes", type=int, default=150)
     p.add_argument("--image", type=int, nargs=2, default=None, metavar=("H", "W"), help="inference image size")
     p.add_argument("--images", type=int, default=5, help="images timed for inference")
-    print(json.dumps(bench(p.parse_args(argv))))
+    print(json.dumps(bench(p.parse_intermixed_args(argv))))
 
 
 if __name__ == "__main__":

@@ -164,6 +164,13 @@ def test_loader_bench_reports_rate_and_cpu_cost(tiny_imagenet, capsys, backend):
     assert res["images_per_gpu_s"] is None  # decoded on the CPU here
 
 
+def test_loader_compare_times_backends_in_turns(tiny_imagenet, capsys):
+    bench.main(["loader", "-c", "tiny", "device=cpu", f"data.root={tiny_imagenet}", "data.workers=0",
+                "--batch", "8", "--steps", "1", "--rounds", "2", "--compare", "pil", "uint8"])  # fmt: skip
+    res = json.loads(capsys.readouterr().out)
+    assert res["pil_cpu_ms_per_image"] > 0 and res["uint8_images_per_s"] > 0 and res["uint8_cpu_speedup_vs_pil"] > 0
+
+
 def test_end_to_end_bench_runs_through_the_data_path(tiny_imagenet, capsys):
     bench.main(["pretrain", "-c", "tiny", "device=cpu", f"data.root={tiny_imagenet}", "data.backend=uint8",
                 "data.workers=0", "--batch", "8", "--steps", "2", "--warmup", "1", "--end-to-end"])  # fmt: skip
@@ -188,3 +195,45 @@ def test_task_benches_take_the_recipe_and_overrides(capsys):
     for res in lines:
         assert res["recipe"] == "tiny" and res["batch"] == 2
         assert all(v > 0 for k, v in res.items() if "per_s" in k or "per_iter" in k), res
+
+
+def test_gpu_check_writes_its_summary_and_says_what_it_could_not_do(tmp_path):
+    """The GPU check in its dry run, two of its steps (the full dry run is the slow test below): one JSON and
+    one Markdown summary, each step's figures, and the list of what was not done (here: no CUDA)."""
+    from tools import gpu_check
+
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "jpegs", "decode_gpu", "--budget-s", "200"])
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["name"] for s in saved["steps"]] == ["jpegs", "decode_gpu"]
+    assert all(s["status"] == "done" for s in saved["steps"]), saved["steps"]
+    assert saved["steps"][1]["result"]["backend"] == "gpu" and saved["steps"][1]["result"]["images_per_s"] > 0
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| decode_gpu | done |" in md and "## Not done" in md
+    if not torch.cuda.is_available():
+        assert any(x.startswith("no CUDA device") for x in report["not_done"])
+    assert any("--dry-run" in x for x in report["not_done"])
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_does_every_step(tmp_path):
+    from tools import gpu_check
+
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "900"])
+    names = [s["name"] for s in report["steps"]]
+    assert names == ["side_by_side", "mfu_large", "mfu_huge", "jpegs", "decode_gpu", "decode_uint8", "decode_pil"] + [
+        "end_to_end",
+        "pretrain_run",
+    ]
+    assert all(s["status"] == "done" for s in report["steps"]), [(s["name"], s["status"]) for s in report["steps"]]
+    assert report["pretrain_run"]["optimizer_steps"] == 6 and set(report["pretrain_run"]["stage_final_loss"]) == {
+        "0",
+        "1",
+    }
+
+
+def test_gpu_check_skips_a_step_over_the_budget(tmp_path):
+    from tools import gpu_check
+
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "side_by_side", "--budget-s", "5"])
+    assert report["steps"][0]["status"].startswith("skipped: 5 s of the budget left")
+    assert "side_by_side: skipped" in (tmp_path / "gpu_check.md").read_text()

@@ -387,6 +387,63 @@ def bench_loader(args) -> dict:
     }
 
 
+def compare_loaders(args) -> dict:
+    """Several data backends in one process, timed in turns (`--rounds` x `--steps` batches each): CPU ms per
+    image (this process + workers) and images/s per backend, and each one's speed-up over the first."""
+    from pretrain import train
+
+    cfg = speed.bench_config(CONFIGS, args, BATCH_KEYS)
+    device = speed.resolve_device(cfg.device)
+    plan = train.Plan(cfg, DistEnv(device=device))
+    masker = train.build_masker(plan)
+    runs = {}
+    for backend in args.compare:
+        c = cfg.data.copy()
+        c.backend = backend
+        data = datapath.pretrain_data(
+            c,
+            plan.train_root,
+            plan.arch["img_size"],
+            seed=int(cfg.seed),
+            env=DistEnv(device=device),
+            extra=masker.sample,
+        )
+        it = iter(data.loader)
+        runs[backend] = (data, it, _restarting(data, it))
+        data.to_device(next(runs[backend][2]), device)  # start-up
+    cpu = {b: [] for b in runs}
+    wall = {b: [] for b in runs}
+    for r in range(args.rounds):
+        order = list(runs)[r % len(runs) :] + list(runs)[: r % len(runs)]
+        for b in order:
+            data, it, batches = runs[b]
+            w0, c0, t0, count = _worker_cpu_seconds(it), time.process_time(), time.perf_counter(), 0
+            for _ in range(args.steps):
+                count += data.to_device(next(batches), device)[0].shape[0]
+            speed.synchronize(device)
+            w1 = _worker_cpu_seconds(it)
+            spent = time.process_time() - c0 + ((w1 - w0) if w0 is not None and w1 is not None else 0.0)
+            cpu[b].append(1e3 * spent / count)
+            wall[b].append(count / (time.perf_counter() - t0))
+    first = args.compare[0]
+    return {
+        "bench": "loader-compare",
+        "data": str(plan.train_root),
+        "img_size": plan.arch["img_size"],
+        "workers": int(cfg.data.workers),
+        "batch": int(cfg.data.batch_per_gpu),
+        "device": speed.device_name(device),
+        "rounds": args.rounds,
+        **{f"{b}_cpu_ms_per_image": round(speed.median(cpu[b]), 3) for b in runs},
+        **{f"{b}_images_per_s": round(speed.median(wall[b]), 1) for b in runs},
+        **{
+            f"{b}_cpu_speedup_vs_{first}": round(speed.median([x / y for x, y in zip(cpu[first], cpu[b])]), 3)
+            for b in runs
+            if b != first
+        },
+    }
+
+
 def _restarting(data, it):
     """Batches from a started iterator, then further epochs."""
     epoch = 0
@@ -412,8 +469,16 @@ def main(argv=None) -> None:
             "--authors", default=None, metavar="MODELS_MAE_PY", help="the authors' models_mae.py (side by side)"
         )
         p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median counts)")
-    args = p.parse_args(rest)
-    res = bench_pretrain(args) if what.what == "pretrain" else bench_loader(args)
+    else:
+        p.add_argument(
+            "--compare", nargs="+", default=None, metavar="BACKEND", help="time these data.backend values interleaved"
+        )
+        p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --compare (the median counts)")
+    args = p.parse_intermixed_args(rest)
+    if what.what == "pretrain":
+        res = bench_pretrain(args)
+    else:
+        res = compare_loaders(args) if args.compare else bench_loader(args)
     print(json.dumps(res))
 
 
