@@ -202,7 +202,7 @@ def test_gpu_check_writes_its_summary_and_says_what_it_could_not_do(tmp_path):
     one Markdown summary, each step's figures, and the list of what was not done (here: no CUDA)."""
     from tools import gpu_check
 
-    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "jpegs", "decode_gpu", "--budget-s", "200"])
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "jpegs", "decode_gpu", "--budget-s", "600"])
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [s["name"] for s in saved["steps"]] == ["jpegs", "decode_gpu"]
     assert all(s["status"] == "done" for s in saved["steps"]), saved["steps"]
@@ -218,7 +218,7 @@ def test_gpu_check_writes_its_summary_and_says_what_it_could_not_do(tmp_path):
 def test_gpu_check_dry_run_does_every_step(tmp_path):
     from tools import gpu_check
 
-    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "900"])
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "2000"])
     names = [s["name"] for s in report["steps"]]
     assert names == ["side_by_side", "mfu_large", "mfu_huge", "jpegs", "decode_gpu", "decode_uint8", "decode_pil"] + [
         "end_to_end",

@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_AUTHORS = REPO / ".authors" / "dbot" / "models_mae.py"
+DRY_LIMIT = 240  # s per step in a dry run: toy sizes, but a loaded shared CPU
 
 
 def plan_steps(args, cuda: bool) -> list[dict]:
@@ -67,7 +68,7 @@ def plan_steps(args, cuda: bool) -> list[dict]:
                 *compile_flag,
                 *authors,
             ],
-            limit=30 if dry else 150,
+            limit=DRY_LIMIT if dry else 150,
         ),
     ]
     for size, b, limit in (("large", "128", 90), ("huge", "64", 110)):
@@ -77,7 +78,7 @@ def plan_steps(args, cuda: bool) -> list[dict]:
                 what=f"ViT-{size[0].upper()} step, compiled: counted FLOPs and MFU",
                 cmd=[*py, "tools.bench", "pretrain", "-c", big or size, *device, "--batch", "4" if dry else b]
                 + ["--steps", "1" if dry else "8", "--warmup", "0" if dry else "2", *compile_flag],
-                limit=30 if dry else limit,
+                limit=DRY_LIMIT if dry else limit,
             )
         )
     steps.append(
@@ -86,7 +87,7 @@ def plan_steps(args, cuda: bool) -> list[dict]:
             what=f"{n_images} photo-like 500x375 quality-90 JPEGs",
             cmd=[*py, "tools.datasets", "jpegs", "--out", str(jpegs), "--images", str(n_images)]
             + ["--classes", "4" if dry else "10", "--workers", "1" if dry else str(os.cpu_count() or 1)],
-            limit=60,
+            limit=DRY_LIMIT if dry else 60,
         )
     )
     loader = ["-c", model, *device, f"data.root={jpegs}", "--batch", loader_batch]
@@ -97,7 +98,7 @@ def plan_steps(args, cuda: bool) -> list[dict]:
                 name=f"decode_{backend}",
                 what=f"input pipeline alone, data.backend={backend}, {w} workers",
                 cmd=[*py, "tools.bench", "loader", *loader, f"data.backend={backend}", f"data.workers={w}"],
-                limit=40 if dry else 60,
+                limit=DRY_LIMIT if dry else 60,
                 needs="jpegs",
             )
         )
@@ -108,7 +109,7 @@ def plan_steps(args, cuda: bool) -> list[dict]:
             cmd=[*py, "tools.bench", "pretrain", "-c", model, *device, f"data.root={jpegs}", "data.backend=gpu"]
             + ["data.workers=" + ("0" if dry else "8"), "--batch", batch, "--end-to-end"]
             + ["--steps", "2" if dry else "20", "--warmup", "1" if dry else "3", "--rounds", "1"],
-            limit=40 if dry else 90,
+            limit=DRY_LIMIT if dry else 90,
             needs="jpegs",
         )
     )
@@ -122,7 +123,7 @@ def plan_steps(args, cuda: bool) -> list[dict]:
             + [f"stages.epochs={epochs}", f"data.batch_per_gpu={batch}", f"optim.global_batch={batch}"]
             + ["optim.warmup_epochs=1", "data.backend=gpu", "data.workers=" + ("0" if dry else "8")]
             + ["log.every=5", "log.tensorboard=false", "resume=none"],
-            limit=60 if dry else 120,
+            limit=DRY_LIMIT if dry else 120,
             needs="jpegs",
         )
     )
