@@ -79,6 +79,13 @@ def test_pretrain_bench_builds_the_recipe_and_its_overrides():
     ours = bench.OursStep(cfg, torch.device("cpu"))
     assert len(ours.student.decoder_blocks) == 2 and ours.img_size == 64 and ours.stepper.clip_grad == 3.0
     assert len(ours.target.teacher.blocks) == 12  # base: teacher.init_depth 12
+    # large-style first teacher of depth 0; stage 1 distils from the (full-depth) stage-0 student
+    cfg = load_config(REPO / "pretrain" / "configs", "tiny", ["device=cpu", "teacher.init_depth=0"])
+    first, second = bench.OursStep(cfg, torch.device("cpu")), bench.OursStep(cfg, torch.device("cpu"), stage=1)
+    assert len(first.target.teacher.blocks) == 0 and len(second.target.teacher.blocks) == 4
+    assert second.target.describe() == "bootstrapped: stage-0 student"
+    with pytest.raises(ConfigError, match="--stage 2: the recipe has stages 0..1"):
+        bench.OursStep(cfg, torch.device("cpu"), stage=2)
 
 
 AUTHORS_LIKE = '''

@@ -40,7 +40,9 @@ BATCH_KEYS = ("data.batch_per_gpu", "optim.global_batch")
 
 # ----------------------------------------------------------------------------- the suite's training step
 class OursStep:
-    """One pretraining step of the suite as `pretrain/train.py` runs it, built from a pretraining config.
+    """One pretraining step of the suite as `pretrain/train.py` runs it, built from a pretraining config, in
+    stage `stage` (0: the first target; k: after k stage switches, e.g. the bootstrapped full-depth teacher
+    where the L/H recipes start from a depth-0 one).
 
     This class is the benchmarks' only dependency on the pretraining loop's internals (Plan, build_models,
     build_masker, build_optimizer, the Stepper): when the loop changes, this is the one place to update.
@@ -48,7 +50,7 @@ class OursStep:
     backward, optimizer step, the target's after-step hook; returns the loss (not synchronised).
     """
 
-    def __init__(self, cfg, device: torch.device):
+    def __init__(self, cfg, device: torch.device, stage: int = 0):
         from core import engine
         from pretrain import train
 
@@ -68,6 +70,13 @@ class OursStep:
             clip_grad=cfg.optim.clip_grad,
             device=device,
         )
+        if not 0 <= stage < len(plan.stages):
+            raise ConfigError(f"--stage {stage}: the recipe has stages 0..{len(plan.stages) - 1}")
+        for k in range(1, stage + 1):  # the loop's own stage switch (bootstrapped teacher, re-initialised student)
+            self.student, self.target, _ = train.next_stage(
+                plan, k, self.student, self.target, self.stepper, lambda m: m, device
+            )
+        self.stage = stage
         self.fwd_student, self.fwd_target = self.student, self.target
         self.compiled = False
         self.img_size, self.amp, self.device = plan.arch["img_size"], plan.amp, device
@@ -230,7 +239,7 @@ def bench_pretrain(args) -> dict:
     cfg = speed.bench_config(CONFIGS, args, BATCH_KEYS)
     device = speed.resolve_device(cfg.device)
     n = int(cfg.data.batch_per_gpu)
-    ours = OursStep(cfg, device)
+    ours = OursStep(cfg, device, args.stage)
     images, spec = ours.synthetic(n)
     # FLOPs counted eagerly: the counter's hooks must not be traced into compiled graphs
     flops = speed.count_flops(lambda: ours.step(images, spec))
@@ -242,6 +251,7 @@ def bench_pretrain(args) -> dict:
         "model": cfg.model.size,
         "arch": ours.plan.arch,
         "decoder": dict(cfg.model.decoder) if cfg.model.kind == "mae" else None,
+        "stage": ours.stage,
         "target": ours.target.describe(),
         "device": speed.device_name(device),
         "amp": ours.amp,
@@ -258,7 +268,7 @@ def bench_pretrain(args) -> dict:
         fns["authors"] = lambda: authors.step(images)
         fns["ours"] = lambda: ours.step(images, spec)
         if cfg.compile:
-            compiled = OursStep(cfg, device)
+            compiled = OursStep(cfg, device, args.stage)
             compiled.compile()
             fns["ours_compiled"] = lambda: compiled.step(images, spec)
     else:
@@ -469,6 +479,7 @@ def main(argv=None) -> None:
             "--authors", default=None, metavar="MODELS_MAE_PY", help="the authors' models_mae.py (side by side)"
         )
         p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median counts)")
+        p.add_argument("--stage", type=int, default=0, help="time the step of this stage (1: bootstrapped teacher)")
     else:
         p.add_argument(
             "--compare", nargs="+", default=None, metavar="BACKEND", help="time these data.backend values interleaved"

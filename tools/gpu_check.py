@@ -8,7 +8,8 @@ Steps, in order of importance, each a subprocess with its own time limit inside 
 
 1. `side_by_side`: the ViT-B step of the base recipe, the authors' released step (their fp16 autocast +
    GradScaler) vs ours eager vs ours compiled, interleaved in one process (`tools.bench pretrain --authors`);
-2. `mfu_large`, `mfu_huge`: compiled ViT-L and ViT-H steps (ViT-B's is in step 1) with counted FLOPs;
+2. `mfu_large`, `mfu_huge`: compiled ViT-L and ViT-H steps of stage 1 (their recipes' first teacher has depth 0;
+   the bootstrapped stage distils from the full encoder) with counted FLOPs; ViT-B's is in step 1;
 3. `jpegs`: 500 x 375 quality-90 photo-like JPEGs (`tools.datasets jpegs`), then `decode_gpu`,
    `decode_uint8`, `decode_pil`: the input pipeline alone per backend (images/s, per core, per GPU);
 4. `end_to_end`: ViT-B steps fed from those JPEGs through the GPU data path;
@@ -75,9 +76,9 @@ def plan_steps(args, cuda: bool) -> list[dict]:
         steps.append(
             dict(
                 name=f"mfu_{size}",
-                what=f"ViT-{size[0].upper()} step, compiled: counted FLOPs and MFU",
+                what=f"ViT-{size[0].upper()} step of stage 1 (full-depth bootstrapped teacher), compiled: FLOPs, MFU",
                 cmd=[*py, "tools.bench", "pretrain", "-c", big or size, *device, "--batch", "4" if dry else b]
-                + ["--steps", "1" if dry else "8", "--warmup", "0" if dry else "2", *compile_flag],
+                + ["--steps", "1" if dry else "8", "--warmup", "0" if dry else "2", "--stage", "1", *compile_flag],
                 limit=DRY_LIMIT if dry else limit,
             )
         )
