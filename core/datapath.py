@@ -286,7 +286,8 @@ class DeviceAugment:
     """Decode a batch of `Encoded` samples on `device` and apply their draws there: crop, bicubic antialiased
     resize (PIL's filter, rounded to whole levels as PIL's uint8 output is), flip, jitter, ToTensor +
     Normalize. Returns `(images [N, 3, S, S] float32, labels [N], spec [N, ...] or None)`; with
-    `skip_corrupt` undecodable files are dropped (fewer rows), otherwise a CorruptImageError names the file."""
+    `skip_corrupt` undecodable files are dropped (fewer rows; None when none is left), otherwise a
+    CorruptImageError names the file."""
 
     def __init__(self, aug: Augment, skip_corrupt: bool = False):
         self.aug, self.skip_corrupt = aug, skip_corrupt
@@ -321,6 +322,8 @@ class DeviceAugment:
         size = self.aug.size
         decoded = self.decode(batch, device)
         keep = [k for k, img in enumerate(decoded) if img is not None]
+        if not keep:  # every file of the batch failed to decode (skip_corrupt), as collate_skip's None
+            return None
         images = torch.empty(len(keep), 3, size, size, device=device)
         for row, k in enumerate(keep):
             p, img = batch[k].params, decoded[k]
@@ -390,7 +393,8 @@ def check_device_decode(device: torch.device) -> None:
 @dataclass
 class PretrainData:
     """What the pretraining loop iterates: `for batch in data.loader: images, labels, spec =
-    data.to_device(batch, device)` (batch None: every image of it failed to decode and was skipped)."""
+    data.to_device(batch, device)`. With data.skip_corrupt, a batch whose every image failed to decode is None
+    from the loader (pil, uint8) or from `to_device` (gpu, which decodes there)."""
 
     backend: str
     dataset: Dataset
@@ -399,6 +403,8 @@ class PretrainData:
     augment: DeviceAugment | None = None
 
     def to_device(self, batch, device: torch.device):
+        if batch is None:
+            return None
         if self.backend == "gpu":
             return self.augment(batch, device)
         images, labels, *rest = batch

@@ -187,6 +187,7 @@ def test_corrupt_files_are_named_or_skipped(tmp_path, photos):
         dp.DeviceAugment(aug)(batch, CPU)
     images, labels, _ = dp.DeviceAugment(aug, skip_corrupt=True)(batch, CPU)
     assert images.shape[0] == 3 and labels.tolist() == [0, 0, 0]
+    assert dp.DeviceAugment(aug, skip_corrupt=True)(batch[3:], CPU) is None  # nothing left of the batch
     (root / "a" / "8_garbage.jpg").write_bytes(b"not an image at all")
     enc = dp.EncodedFolder(root, aug)
     with pytest.raises(CorruptImageError, match="8_garbage.jpg"):
