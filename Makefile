@@ -38,7 +38,7 @@ TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain finetune coco ade20k convert table analysis test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune coco ade20k convert table analysis test test-all lint format bench gpu-check clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
@@ -137,10 +137,13 @@ format: venv ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 
 bench: venv ## throughput of MODEL (tiny, CPU by default) for each task in BENCH; ARGS go to each; see docs/BENCHMARKS.md
-	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain --model $(MODEL) $(ARGS))
-	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench --model $(MODEL) $(ARGS))
+	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain -c $(MODEL) $(ARGS))
+	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench -c $(MODEL) $(ARGS))
 	$(if $(filter coco,$(BENCH)),$(PY) -m detection.bench -c $(MODEL) $(ARGS))
-	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench --recipe $(MODEL) $(ARGS))
+	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench -c $(MODEL) $(ARGS))
+
+gpu-check: venv ## the prepared GPU check (~8 min on a GPU; ARGS='--dry-run' anywhere): RUNS/gpu-check/gpu_check.{json,md}
+	$(PY) -m tools.gpu_check --out $(RUNS)/gpu-check $(ARGS)
 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf $(TINY) $(RUNS)

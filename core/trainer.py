@@ -23,7 +23,7 @@ A task's hooks, in the order `fit` calls them:
     build(state)                          data, model (weights from `state` when resuming), optimizer, schedule
     load_state_dict(state)                the task's own resume state (after the Stepper's)
     train_mode()                          at the start and after every evaluation
-    prepare(batch, epoch, index)          eager: to the device, CPU-side randomness (Mixup)
+    prepare(batch, epoch, index)          eager: to the device, CPU-side randomness (Mixup); None: nothing usable
     forward(model, *inputs) -> losses     {'loss': backpropagated, ...: logged}; compiled with compile=true
     after_step(step, epoch)               e.g. an EMA teacher update
     evaluate(step) -> metrics             when due, and at the end
@@ -45,6 +45,7 @@ from torch import nn
 from core import checkpoint as ckpt
 from core import dist, engine, weights
 from core.config import ConfigError, save_config, to_dict
+from core.data import DataError
 from core.monitor import RunLogger, write_results
 
 
@@ -327,9 +328,11 @@ class Trainer:
             stepper.start_step()
             for j in range(size):
                 epoch, index, batch = next(stream)
-                if batch is None:
-                    raise RuntimeError(f"epoch {epoch}: every image of micro-batch {index} failed to decode")
-                inputs = task.prepare(batch, epoch, index)
+                inputs = None if batch is None else task.prepare(batch, epoch, index)
+                if inputs is None:
+                    raise DataError(
+                        f"epoch {epoch}: every image of micro-batch {index} failed to decode; check data.root"
+                    )
                 with stepper.autocast():
                     losses = forward(stepper.model, *inputs)
                 stepper.backward(losses["loss"], size=size, last=j == size - 1)

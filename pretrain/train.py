@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchvision import transforms
 
 from core import checkpoint as ckpt
-from core import dist, engine, trainer, weights
+from core import datapath, dist, engine, trainer, weights
 from core.config import ConfigError, to_dict
-from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, make_loader
 from core.optim import adamw, mae_pretrain_groups, warmup_cosine
 from core.vit import preset
 from pretrain import dbot, targets
@@ -198,21 +196,6 @@ def lr_schedule(plan: Plan, batches_per_epoch: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def transform(plan: Plan):
-    c = plan.cfg.data
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(
-                plan.arch["img_size"], scale=tuple(c.crop_scale), interpolation=transforms.InterpolationMode.BICUBIC
-            ),
-            transforms.RandomHorizontalFlip(),
-            *([transforms.ColorJitter(c.color_jitter, c.color_jitter, c.color_jitter)] if c.color_jitter else []),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
 # ------------------------------------------------------------------------------------------------ task
 class Pretrain(trainer.Task):
     name, format, unit = "pretrain", FORMAT, "epoch"
@@ -245,21 +228,11 @@ class Pretrain(trainer.Task):
             raise ConfigError(str(e)) from None
         self.first = state["meta"]["first_target"] if state else self.target.describe()
         self.masker = build_masker(plan)
-        self.dataset = ImageFolder(
-            plan.train_root,
-            transform(plan),
-            seed=self.cfg.seed,
-            skip_corrupt=c.skip_corrupt,
-            extra=self.masker.sample,
-            what="data.root (train split)",
-        )
-        self.train_sampler = ShardedSampler(
-            len(self.dataset), c.batch_per_gpu, rank=self.env.rank, world=self.env.world_size, seed=self.cfg.seed
-        )
+        self.data = datapath.pretrain_data(
+            c, plan.train_root, plan.arch["img_size"], seed=self.cfg.seed, env=self.env, extra=self.masker.sample
+        )  # data.backend: pil (reference) | uint8 (normalised on the device) | gpu (decode + augment there)
+        self.dataset, self.train_sampler, self.train_loader = self.data.dataset, self.data.sampler, self.data.loader
         batches = self.check_batches(self.train_sampler, "data.root")
-        self.train_loader = make_loader(
-            self.dataset, self.train_sampler, workers=c.workers, device=self.device, drop_last=True
-        )
         self.schedule = lr_schedule(plan, batches)
         self.student.to(self.device)
         self.target.to(self.device)
@@ -277,9 +250,12 @@ class Pretrain(trainer.Task):
         self.student.train()
 
     def prepare(self, batch, epoch, index):
-        images, _, spec = batch
+        out = self.data.to_device(batch, self.device)  # None: every image of the batch failed to decode
+        if out is None:
+            return None
+        images, _, spec = out
         self.skipped += self.cfg.data.batch_per_gpu - images.shape[0]
-        return images.to(self.device, non_blocking=True), spec.to(self.device, non_blocking=True)
+        return images, spec
 
     def forward(self, model, images, spec):
         return {"loss": dbot.distill(model, self.target, images, self.masker(spec))}
