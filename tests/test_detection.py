@@ -18,7 +18,7 @@ from timm.models.vision_transformer_sam import Block, get_decomposed_rel_pos_bia
 
 from core import checkpoint as ckpt
 from core.config import ConfigError, load_config, save_config
-from core.data import CorruptImageError, DataError
+from core.data import CorruptImageError, DataError, Skipped
 from core.optim import warmup_step
 from core.vit import build_vit
 from detection.backbone import ViTDetBackbone, abs_pos
@@ -485,9 +485,12 @@ def test_undecodable_image_is_named_or_skipped(tiny_coco, tmp_path):
     with pytest.raises(CorruptImageError, match=ds.images[0]["file_name"]):
         ds[0]
     skipping = CocoInstances(root, "train", train=True, img_size=32, skip_corrupt=True)
-    with pytest.warns(UserWarning, match=ds.images[0]["file_name"]):
-        x, _, meta = skipping[0]
+    item = skipping[0]  # training: replaced by the next image, the corrupt one named
+    assert isinstance(item, Skipped) and item.files[0][0] == str(root / "train2017" / ds.images[0]["file_name"])
+    x, _, meta = item.sample
     assert meta["image_id"] == ds.images[1]["id"]
+    val = CocoInstances(root, "train", train=False, img_size=32, skip_corrupt=True)  # evaluation: left out
+    assert val[0].sample is None and val[0].files == item.files
 
 
 def test_image_whose_size_disagrees_with_the_annotations_is_named(tiny_coco, tmp_path):
