@@ -90,8 +90,8 @@ class Rule:
             return False
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return True
-        if isinstance(v, float) and math.isnan(v):
-            return False
+        if isinstance(v, float) and not math.isfinite(v):
+            return False  # nan, inf: never a meaningful setting
         return not (
             (self.ge is not None and v < self.ge)
             or (self.gt is not None and v <= self.gt)
@@ -246,8 +246,8 @@ def _is_interpolation(v) -> bool:
     return isinstance(v, str) and "${" in v
 
 
-def _source_of(layers: Sequence[_Layer], key: str) -> str:
-    """The last layer that sets `key`."""
+def _origin(layers: Sequence[_Layer], key: str, value):
+    """(source, value as written there) of the last layer that sets `key` (`value` if none does)."""
     for layer in reversed(layers):
         node = layer.data
         for part in key.split("."):
@@ -255,8 +255,8 @@ def _source_of(layers: Sequence[_Layer], key: str) -> str:
                 break
             node = node[part]
         else:
-            return layer.source
-    return "config"
+            return layer.source, node
+    return "config", value
 
 
 def _merge(cfg: DictConfig, layer: _Layer, schema: type | None) -> DictConfig:
@@ -300,7 +300,8 @@ def _check_rules(cfg: DictConfig, schema: type, layers: Sequence[_Layer], prefix
         plain = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
         ok = _list_ok(plain, rule) if _is_list(inner) else rule.accepts(plain)
         if not ok:
-            raise ConfigError(f"{_source_of(layers, key)}: {key}={_show(plain)}: expected {_describe(tp, rule)}")
+            source, written = _origin(layers, key, plain)
+            raise ConfigError(f"{source}: {key}={_show(written)}: expected {_describe(tp, rule)}")
 
 
 def _list_ok(values: list, rule: Rule) -> bool:

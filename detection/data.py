@@ -136,8 +136,22 @@ class CocoInstances(Dataset):
         if train:
             self.dropped["images without instances"] = sum(1 for k in ids if not per_image[k])
             ids = [k for k in ids if per_image[k]]
+        if not ids and train:
+            reasons = ", ".join(
+                f"{v} {k}" for k, v in self.dropped.most_common() if v and k != "images without instances"
+            )
+            raise DataError(
+                f"{self.ann_path}: no usable images with instances: "
+                + (
+                    f"all {len(d['annotations'])} annotations were dropped ({reasons}); training needs non-crowd "
+                    "instances with a box of positive size and a mask (polygons of at least 3 points, or an RLE "
+                    "of the image's size)"
+                    if d["annotations"]
+                    else "the file lists no annotations"
+                )
+            )
         if not ids:
-            raise DataError(f"{self.ann_path}: no usable images" + (" with instances" if train else ""))
+            raise DataError(f"{self.ann_path}: no usable images: 'images' is empty")
         self.images = [images[k] for k in ids]
         self.anns = [per_image[k] for k in ids]
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
