@@ -37,6 +37,8 @@ def save(obj, path: str | os.PathLike) -> Path:
     """torch.save `obj` to `path` atomically. A write that fails (a full disk, a folder without write
     permission) is a CheckpointError naming the path and the cause, and leaves no temporary file."""
     path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CheckpointError(f"{path}: cannot write the checkpoint: {path.parent} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -281,6 +281,14 @@ class Trainer:
             )
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        except BaseException:
+            if self.log is not None:  # the progress bar ends its line before the error is printed
+                self.log.close()
+            raise
+
+    def _fit(self) -> dict:
         task, cfg, env = self.task, self.cfg, self.env
         engine.seed_everything(cfg.seed, env.rank)
         if env.device.type == "cuda":

@@ -78,21 +78,18 @@ def check(cfg: DictConfig, env) -> dict:
 
 def datasets(cfg) -> tuple[CocoInstances, CocoInstances]:
     d = cfg.data
-    try:
-        train = CocoInstances(
-            d.root,
-            "train",
-            train=True,
-            img_size=d.img_size,
-            scale_range=d.scale_range,
-            seed=cfg.seed,
-            skip_corrupt=d.skip_corrupt,
-        )
-        val = CocoInstances(d.root, "val", train=False, img_size=d.img_size, skip_corrupt=d.skip_corrupt)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
+    train = CocoInstances(
+        d.root,
+        "train",
+        train=True,
+        img_size=d.img_size,
+        scale_range=d.scale_range,
+        seed=cfg.seed,
+        skip_corrupt=d.skip_corrupt,
+    )
+    val = CocoInstances(d.root, "val", train=False, img_size=d.img_size, skip_corrupt=d.skip_corrupt)
     if [c["id"] for c in train.categories] != [c["id"] for c in val.categories]:
-        raise ConfigError(f"{d.root}: the train and val annotation files list different categories")
+        raise DataError(f"{d.root}: the train and val annotation files list different categories")
     return train, val
 
 

@@ -19,7 +19,7 @@ from timm.optim import Lars
 from core import checkpoint as ckpt
 from core import engine, trainer
 from core.config import ConfigError, check_file, check_folder, to_dict
-from core.data import Augmented, DataError, make_loader, sample_seed, seeded, train_eval_samplers
+from core.data import Augmented, make_loader, sample_seed, seeded, train_eval_samplers
 from core.monitor import file_sha256
 from core.optim import no_weight_decay, param_groups, warmup_cosine
 from finetune.data import base_datasets, eval_transform, train_transform
@@ -112,10 +112,7 @@ class Finetune(trainer.Task):
         pretrained = None
         if cfg.checkpoint is not None and state is None:
             pretrained = read_pretrained(cfg.checkpoint, cfg.model.size, cfg.model.img_size)
-        try:
-            train_base, val_base, self.classes = base_datasets(d.kind, d.root)
-        except DataError as e:
-            raise ConfigError(str(e)) from None
+        train_base, val_base, self.classes = base_datasets(d.kind, d.root)
         num_classes = len(self.classes)
         if d.num_classes is not None and d.num_classes != num_classes:
             raise ConfigError(f"data.num_classes={d.num_classes} but {d.root} has {num_classes} classes")

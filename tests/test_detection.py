@@ -432,29 +432,29 @@ def edit_json(root, split, fn):
 def test_missing_and_malformed_annotation_files(tiny_coco, tmp_path):
     root = copy_coco(tiny_coco, tmp_path / "c")
     (root / "annotations" / "instances_val2017.json").unlink()
-    with pytest.raises(ConfigError, match="instances_val2017.json: annotation file does not exist"):
+    with pytest.raises(DataError, match="instances_val2017.json: annotation file does not exist"):
         run(detection_config(root, tmp_path / "o"))
     (root / "annotations" / "instances_val2017.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="instances_val2017.json: not valid JSON"):
+    with pytest.raises(DataError, match="instances_val2017.json: not valid JSON"):
         run(detection_config(root, tmp_path / "o"))
     edit_json(root, "train", lambda d: d["annotations"][0].pop("bbox"))
-    with pytest.raises(ConfigError, match=r"instances_train2017.json: annotations\[0\] has no 'bbox'"):
+    with pytest.raises(DataError, match=r"instances_train2017.json: annotations\[0\] has no 'bbox'"):
         run(detection_config(root, tmp_path / "o"))
     root = copy_coco(tiny_coco, tmp_path / "c2")
     edit_json(root, "train", lambda d: d.pop("categories"))
-    with pytest.raises(ConfigError, match="instances_train2017.json: field 'categories' is missing"):
+    with pytest.raises(DataError, match="instances_train2017.json: field 'categories' is missing"):
         run(detection_config(root, tmp_path / "o"))
 
 
 def test_annotations_referring_to_missing_images(tiny_coco, tmp_path):
     root = copy_coco(tiny_coco, tmp_path / "c")
     edit_json(root, "train", lambda d: d["annotations"][0].update(image_id=999999))
-    with pytest.raises(ConfigError, match="'image_id' 999999, which is not in 'images'"):
+    with pytest.raises(DataError, match="'image_id' 999999, which is not in 'images'"):
         run(detection_config(root, tmp_path / "o"))
     edit_json(root, "train", lambda d: d["annotations"][0].update(image_id=d["images"][0]["id"]))
     name = json.loads((root / "annotations" / "instances_train2017.json").read_text())["images"][1]["file_name"]
     (root / "train2017" / name).unlink()
-    with pytest.raises(ConfigError, match=f"1 image\\(s\\) listed in 'images' are missing .*{name}"):
+    with pytest.raises(DataError, match=f"1 image\\(s\\) listed in 'images' are missing .*{name}"):
         run(detection_config(root, tmp_path / "o"))
 
 

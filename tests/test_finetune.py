@@ -206,7 +206,7 @@ def test_val_classes_differing_from_train(tiny_imagenet, tmp_path):
     root = tmp_path / "d"
     shutil.copytree(tiny_imagenet, root)
     (root / "val" / "square").rename(root / "val" / "squares")
-    with pytest.raises(ConfigError, match="train and val class folders differ.*only in val: \\['squares'\\]"):
+    with pytest.raises(DataError, match="train and val class folders differ.*only in val: \\['squares'\\]"):
         run(finetune_config(root, tmp_path / "o"))
 
 
@@ -246,5 +246,5 @@ def test_inat_category_ids_out_of_range_are_named(tmp_path):
 def test_unknown_dataset_kind(tiny_imagenet, tmp_path):
     with pytest.raises(ConfigError, match="data.kind='mnist': expected one of imagenet, folder, cifar10"):
         run(finetune_config(tiny_imagenet, tmp_path / "o", "data.kind=mnist"))
-    with pytest.raises(ConfigError, match="does not hold the cifar100 release"):
+    with pytest.raises(DataError, match="does not hold the cifar100 release"):
         run(finetune_config(tiny_imagenet, tmp_path / "o", "data.kind=cifar100"))
