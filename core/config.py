@@ -50,6 +50,7 @@ __all__ = [
     "check_file",
     "check_folder",
     "check_output_folder",
+    "positive_int",
     "save_config",
     "to_dict",
     "cli",
@@ -384,6 +385,17 @@ def check_output_folder(name: str, path: str | Path) -> None:
         raise ConfigError(f"{name}={path}: cannot be created, {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{name}={path}: cannot be created, {parent} is not writable")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count or a size: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------- loading

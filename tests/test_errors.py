@@ -351,3 +351,21 @@ def test_coco_annotations_without_usable_masks_say_why(tiny_coco, tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(DataError, match="no usable images with instances: the file lists no annotations"):
         CocoInstances(root, "train", train=True, img_size=32)
+
+
+# ------------------------------------------------------------------------------------------------ tools
+def test_the_converter_prints_one_error_line(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    assert_one_error_line(python_m("tools.convert", str(empty), str(tmp_path / "x.pth")), "empty.pth: not a checkpoint")
+    from core.vit import build_vit
+
+    vit = ckpt.save({"model": build_vit("tiny").state_dict()}, tmp_path / "vit.pth")
+    from tools import convert
+
+    with pytest.raises(ConfigError, match="--img-size 33 is not a multiple of the patch size 4"):
+        convert.main([str(vit), str(tmp_path / "x.pth"), "--img-size", "33"])
+    for bad in (["--img-size", "-5"], ["--patch-size", "0"], ["--model", "giant"]):
+        with pytest.raises(SystemExit):  # argparse: usage and one error line
+            convert.main([str(vit), str(tmp_path / "x.pth"), *bad])
+    assert not (tmp_path / "x.pth").exists()
