@@ -45,6 +45,7 @@ __all__ = [
     "Rule",
     "option",
     "section",
+    "RunOptions",
     "load_config",
     "validate",
     "check_file",
@@ -110,6 +111,24 @@ def option(**rule) -> typing.Any:
 def section(cls: type) -> typing.Any:
     """A nested section of the schema."""
     return field(default_factory=cls)
+
+
+DEVICES = ("auto", "cuda", "cpu")
+AMPS = ("auto", "bf16", "fp16", "none")
+COMPILE_MODES = (True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SEED_MAX = 2**32 - 1
+
+
+@dataclass
+class RunOptions:
+    """The options of the engine every task has (`core.trainer`); a task's schema adds its own."""
+
+    out: str = option()
+    seed: int = option(ge=0, le=SEED_MAX)
+    device: str = option(choices=DEVICES)
+    amp: str = option(choices=AMPS)
+    compile: bool | str = option(choices=COMPILE_MODES)
+    resume: str | None = option()
 
 
 def _num(v) -> str:
@@ -348,10 +367,16 @@ def validate(cfg: DictConfig | Mapping, schema: type, source: str = "config") ->
 
 
 # ------------------------------------------------------------------------------ paths (the environment)
+def _not_empty(name: str, path) -> None:
+    if not str(path).strip():
+        raise ConfigError(f"{name}={str(path)!r}: expected a path")
+
+
 def check_file(name: str, path: str | Path | None) -> None:
     """An option naming a file (None: not given) must name an existing file."""
     if path is None:
         return
+    _not_empty(name, path)
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{name}={path}: is a folder, expected a file")
@@ -361,6 +386,7 @@ def check_file(name: str, path: str | Path | None) -> None:
 
 def check_folder(name: str, path: str | Path, layout: str = "") -> None:
     """An option naming an input folder must name an existing folder."""
+    _not_empty(name, path)
     p, expected = Path(path), f" (expected {layout})" if layout else ""
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{name}={path}: is a file, expected a folder{expected}")
@@ -371,6 +397,7 @@ def check_folder(name: str, path: str | Path, layout: str = "") -> None:
 def check_output_folder(name: str, path: str | Path) -> None:
     """An output folder must be a folder, or creatable: its nearest existing ancestor a writable folder.
     Nothing is created here."""
+    _not_empty(name, path)
     p = Path(path).absolute()
     if p.exists():
         if not p.is_dir():

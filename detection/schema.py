@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import ConfigError, option, section
+from core.config import ConfigError, RunOptions, option, section
 from core.vit import PRESETS, preset
 from detection.evaluate import BACKENDS
 
 SIZES = tuple(PRESETS)
-DEVICES = ("auto", "cuda", "cpu")
-AMPS = ("auto", "bf16", "fp16", "none")
-COMPILE_MODES = (True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 NO_DECAY_KINDS = ("norm", "pos_embed")
 LEVELS = 5  # the simple feature pyramid's maps p2..p6
 
@@ -86,13 +83,7 @@ class Log:
 
 
 @dataclass
-class DetectionConfig:
-    out: str = option()
-    seed: int = option(ge=0)
-    device: str = option(choices=DEVICES)
-    amp: str = option(choices=AMPS)
-    compile: bool | str = option(choices=COMPILE_MODES)
-    resume: str | None = option()
+class DetectionConfig(RunOptions):
     max_iters: int | None = option(ge=1)
     checkpoint: str | None = option()
     model: Model = section(Model)

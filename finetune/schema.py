@@ -10,15 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import ConfigError, option, section
+from core.config import ConfigError, RunOptions, option, section
 from core.vit import PRESETS, preset
 from finetune.data import KINDS
 
 TASKS = ("finetune", "linprobe", "transfer")
 SIZES = tuple(PRESETS)
-DEVICES = ("auto", "cuda", "cpu")
-AMPS = ("auto", "bf16", "fp16", "none")
-COMPILE_MODES = (True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -76,13 +73,7 @@ class Log:
 
 
 @dataclass
-class FinetuneConfig:
-    out: str = option()
-    seed: int = option(ge=0)
-    device: str = option(choices=DEVICES)
-    amp: str = option(choices=AMPS)
-    compile: bool | str = option(choices=COMPILE_MODES)
-    resume: str | None = option()
+class FinetuneConfig(RunOptions):
     max_epochs: int | None = option(ge=1)
     task: str = option(choices=TASKS)
     checkpoint: str | None = option()

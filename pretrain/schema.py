@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import ConfigError, option, section
+from core.config import SEED_MAX, ConfigError, RunOptions, option, section
 from core.vit import PRESETS, preset
 from pretrain.dbot import Stages
 from pretrain.targets import KINDS
@@ -17,9 +17,6 @@ from pretrain.targets.ema import COSINE_OVER, EVERY
 from pretrain.targets.timm_teacher import TOKENS
 
 SIZES = tuple(PRESETS)
-DEVICES = ("auto", "cuda", "cpu")
-AMPS = ("auto", "bf16", "fp16", "none")
-COMPILE_MODES = (True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -87,7 +84,7 @@ class Target:
 @dataclass
 class Teacher:
     init_depth: int | None = option(ge=0)
-    seed: int | None = option(ge=0)
+    seed: int | None = option(ge=0, le=SEED_MAX)
     checkpoint: str | None = option()
     size: str | None = option(choices=SIZES)
     bootstrap: bool = option()
@@ -138,13 +135,7 @@ class Log:
 
 
 @dataclass
-class PretrainConfig:
-    out: str = option()
-    seed: int = option(ge=0)
-    device: str = option(choices=DEVICES)
-    amp: str = option(choices=AMPS)
-    compile: bool | str = option(choices=COMPILE_MODES)
-    resume: str | None = option()
+class PretrainConfig(RunOptions):
     max_epochs: int | None = option(ge=1)
     model: Model = section(Model)
     target: Target = section(Target)

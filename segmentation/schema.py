@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import ConfigError, option, section
+from core.config import ConfigError, RunOptions, option, section
 from core.vit import PRESETS, preset
 
 SIZES = tuple(PRESETS)
-DEVICES = ("auto", "cuda", "cpu")
-AMPS = ("auto", "bf16", "fp16", "none")
-COMPILE_MODES = (True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -84,13 +81,7 @@ class Log:
 
 
 @dataclass
-class SegmentationConfig:
-    out: str = option()
-    seed: int = option(ge=0)
-    device: str = option(choices=DEVICES)
-    amp: str = option(choices=AMPS)
-    compile: bool | str = option(choices=COMPILE_MODES)
-    resume: str | None = option()
+class SegmentationConfig(RunOptions):
     max_iters: int | None = option(ge=1)
     checkpoint: str | None = option()
     iters: int = option(ge=1)
@@ -121,6 +112,12 @@ class SegmentationConfig:
             )
         if cfg.eval.stride > d.crop:
             raise ConfigError(f"eval.stride={cfg.eval.stride} must be in (0, data.crop={d.crop}]")
+        smallest = min(cfg.eval.ratios) * min(d.scale)
+        if smallest < patch:
+            raise ConfigError(
+                f"eval.ratios={list(cfg.eval.ratios)} x data.scale={list(d.scale)}: the smallest evaluation scale "
+                f"({smallest:g} px) is below the patch size {patch}"
+            )
         if cfg.eval_only and cfg.weights is None:
             raise ConfigError("eval_only=true needs weights=<a checkpoint of this task>")
         if not cfg.eval_only and o.warmup_iters > cfg.iters:

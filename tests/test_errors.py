@@ -135,6 +135,12 @@ def test_paths_that_are_files_instead_of_folders_and_back(tiny_imagenet, tiny_ad
         segmentation(
             segmentation_config(tiny_ade20k, tmp_path / "o", "eval_only=true", f"weights={tmp_path / 'nothing.pth'}")
         )
+    with pytest.raises(ConfigError, match="command line: data.root=null: expected a string \\(not null\\)"):
+        finetune(finetune_config(tiny_imagenet, tmp_path / "o", "data.root="))
+    with pytest.raises(ConfigError, match="data.root='': expected a path"):  # not the current folder
+        finetune(finetune_config(tiny_imagenet, tmp_path / "o", "data.root=''"))
+    with pytest.raises(ConfigError, match="out='': expected a path"):
+        finetune(finetune_config(tiny_imagenet, tmp_path / "o", "out=''"))
     with pytest.raises(ckpt.CheckpointError, match="resume: checkpoint .*gone.pth does not exist"):
         finetune(finetune_config(tiny_imagenet, tmp_path / "o", f"resume={tmp_path / 'gone.pth'}"))
     assert not (tmp_path / "o").exists()
