@@ -258,7 +258,7 @@ class Trainer:
         self.log: RunLogger | None = None
         self.corrupt: dict[str, dict[str, str]] = {}  # split -> {path: reason}: corrupt files skipped in the run
         task.trainer = self
-        check_output_folder("out", task.out)
+        check_output_folder("out", self.cfg.out)
 
     # ------------------------------------------------------------------------------------------ setup
     def _resume_state(self):
