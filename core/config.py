@@ -506,7 +506,7 @@ def cli(task: str, config_dir: str | Path, argv: Sequence[str] | None = None, sc
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of a configuration, data or checkpoint error"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come between the overrides (make ... ARGS=--debug)
     cfg = load_config(config_dir, args.config, args.overrides, schema=schema)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))

@@ -321,6 +321,8 @@ class Trainer:
         if env.is_main:
             save_config(cfg, task.out / "config.yaml")
         log.write(task.describe())
+        for warning in getattr(task.schema, "warnings", lambda cfg: [])(cfg):
+            log.write(f"warning: {warning}")
         if path is not None:
             log.write(f"resuming at step {start} of {total} (epoch {layout.epoch_of(start)}) from {path}")
         forward = task.compile(cfg.compile) if cfg.get("compile") else task.forward

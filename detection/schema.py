@@ -100,8 +100,6 @@ class DetectionConfig(RunOptions):
         steps = list(o.steps)
         if any(k >= o.iters for k in steps):
             raise ConfigError(f"optim.steps {steps} must lie within (0, optim.iters={o.iters})")
-        if o.warmup_iters > o.iters:
-            raise ConfigError(f"optim.warmup_iters={o.warmup_iters:g} is longer than the run (optim.iters={o.iters})")
         arch = preset(m.size)
         patch = m.patch_size or arch["patch_size"]
         if patch < 4 or patch & (patch - 1):
@@ -116,3 +114,14 @@ class DetectionConfig(RunOptions):
                 f"model.global_blocks={list(m.global_blocks)}: block indices must be below the depth {arch['depth']} "
                 f"of model.size={m.size}"
             )
+
+    @staticmethod
+    def warnings(cfg) -> list[str]:
+        """Settings that are legal but probably not meant (printed when the run starts)."""
+        o = cfg.optim
+        if o.warmup_iters > o.iters:
+            return [
+                f"optim.warmup_iters={o.warmup_iters:g} is longer than the run (optim.iters={o.iters}): "
+                "the lr never reaches its peak"
+            ]
+        return []

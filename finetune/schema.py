@@ -98,8 +98,6 @@ class FinetuneConfig(RunOptions):
                 f"optim.weight_decay={o.weight_decay} with optim.name=lars: timm's LARS folds weight decay "
                 "into the trust ratio differently from MAE's; the MAE linear probe uses 0"
             )
-        if o.warmup_epochs > cfg.epochs:
-            raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs:g} is longer than the run (epochs={cfg.epochs})")
         lr = o.lr if o.lr is not None else o.blr * o.global_batch / 256
         if o.min_lr > lr:
             raise ConfigError(
@@ -115,3 +113,14 @@ class FinetuneConfig(RunOptions):
                     f"aug.auto_augment={cfg.aug.auto_augment!r}: not a timm augmentation policy ({e}); "
                     "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, or null for none"
                 ) from None
+
+    @staticmethod
+    def warnings(cfg) -> list[str]:
+        """Settings that are legal but probably not meant (printed when the run starts)."""
+        o = cfg.optim
+        if o.warmup_epochs > cfg.epochs:
+            return [
+                f"optim.warmup_epochs={o.warmup_epochs:g} is longer than the run (epochs={cfg.epochs}): "
+                "the lr never reaches its peak"
+            ]
+        return []

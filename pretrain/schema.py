@@ -221,14 +221,20 @@ class PretrainConfig(RunOptions):
                 f"teacher.size={teacher.size} has patch size {preset(teacher.size)['patch_size']}, the student "
                 f"{arch['patch_size']}; the teacher must give one token per student patch"
             )
-        shortest = min(stages.length(s) for s in range(len(stages)))
-        if o.warmup_epochs > shortest:
-            raise ConfigError(
-                f"optim.warmup_epochs={o.warmup_epochs:g} is longer than the shortest stage ({shortest} epochs in "
-                f"stages.epochs {list(cfg.stages.epochs)}); the warmup restarts every stage"
-            )
         lr = o.lr if o.lr is not None else o.blr * o.global_batch / 256
         if o.min_lr > lr:
             raise ConfigError(
                 f"optim.min_lr={o.min_lr:g} is above the peak lr {lr:g} (optim.lr, or optim.blr x global_batch / 256)"
             )
+
+    @staticmethod
+    def warnings(cfg) -> list[str]:
+        """Settings that are legal but probably not meant (printed when the run starts)."""
+        stages = Stages(cfg.stages.epochs)
+        shortest = min(stages.length(s) for s in range(len(stages)))
+        if cfg.optim.warmup_epochs > shortest:
+            return [
+                f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} is longer than the shortest stage ({shortest} "
+                f"epochs in stages.epochs {list(cfg.stages.epochs)}): the lr never reaches its peak"
+            ]
+        return []

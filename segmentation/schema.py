@@ -120,7 +120,16 @@ class SegmentationConfig(RunOptions):
             )
         if cfg.eval_only and cfg.weights is None:
             raise ConfigError("eval_only=true needs weights=<a checkpoint of this task>")
-        if not cfg.eval_only and o.warmup_iters > cfg.iters:
-            raise ConfigError(f"optim.warmup_iters={o.warmup_iters} is longer than the run (iters={cfg.iters})")
         if o.min_lr > o.lr:
             raise ConfigError(f"optim.min_lr={o.min_lr:g} is above optim.lr={o.lr:g}")
+
+    @staticmethod
+    def warnings(cfg) -> list[str]:
+        """Settings that are legal but probably not meant (printed when the run starts)."""
+        o = cfg.optim
+        if not cfg.eval_only and o.warmup_iters > cfg.iters:
+            return [
+                f"optim.warmup_iters={o.warmup_iters} is longer than the run (iters={cfg.iters}): "
+                "the lr never reaches its peak"
+            ]
+        return []

@@ -47,7 +47,7 @@ def test_every_task_prints_one_error_line_and_exits_2(task, tmp_path):
 
 
 def test_debug_switch_shows_the_traceback(tmp_path):
-    proc = python_m("pretrain", "-c", "tiny", "optim.global_batch=0", "--debug")
+    proc = python_m("pretrain", "-c", "tiny", "device=cpu", "--debug", "optim.global_batch=0")  # flags anywhere
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
     proc = python_m("pretrain", "-c", "tiny", "optim.global_batch=0", env={"DBOT_DEBUG": "1"})
     assert "Traceback" in proc.stderr
