@@ -38,7 +38,7 @@ TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain finetune coco ade20k convert table analysis test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune coco ade20k convert table analysis test test-all lint format bench gpu-check clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
@@ -119,27 +119,32 @@ ANALYSIS_DATA = $(if $(DATA),$(DATA),$(TINY)/imagenet/val)
 analysis: venv $(TINY_DEPS) $(CKPT_DEPS) ## attention distance + singular values: make analysis CKPT="a.pth mae=b.pth" DATA=/imagenet/val
 	$(PY) -m tools.analysis $(START_CKPT) --data $(ANALYSIS_DATA) --out $(if $(OUT),$(OUT),$(RUNS)/analysis) $(ARGS)
 
-test: venv ## lint + the fast test suite (includes one tiny end-to-end run)
+test: venv ## lint + import layers + the fast test suite (includes one tiny end-to-end run)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: venv ## every test, the slow end-to-end ones too
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: venv ## ruff check + format check
+lint: venv ## ruff check + format check + import layers (core <- tasks <- tools, pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: venv ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 bench: venv ## throughput of MODEL (tiny, CPU by default) for each task in BENCH; ARGS go to each; see docs/BENCHMARKS.md
-	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain --model $(MODEL) $(ARGS))
-	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench --model $(MODEL) $(ARGS))
+	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain -c $(MODEL) $(ARGS))
+	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench -c $(MODEL) $(ARGS))
 	$(if $(filter coco,$(BENCH)),$(PY) -m detection.bench -c $(MODEL) $(ARGS))
-	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench --recipe $(MODEL) $(ARGS))
+	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench -c $(MODEL) $(ARGS))
+
+gpu-check: venv ## the prepared GPU check (~8 min on a GPU; ARGS='--dry-run' anywhere): RUNS/gpu-check/gpu_check.{json,md}
+	$(PY) -m tools.gpu_check --out $(RUNS)/gpu-check $(ARGS)
 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf $(TINY) $(RUNS)

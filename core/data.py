@@ -138,11 +138,15 @@ class Loader:
     def __iter__(self):
         for batch, files in self.loader:
             for path, reason in files:
-                if path not in self.corrupt:
-                    self.corrupt[path] = reason
-                    if self.on_skip is not None:
-                        self.on_skip(self.split, path, reason)
+                self.skip(path, reason)
             yield batch
+
+    def skip(self, path: str, reason: str) -> None:
+        """Record a skipped file (also for one dropped after the loader, e.g. decoded on the device)."""
+        if path not in self.corrupt:
+            self.corrupt[path] = reason
+            if self.on_skip is not None:
+                self.on_skip(self.split, path, reason)
 
     def __len__(self) -> int:
         return len(self.loader)

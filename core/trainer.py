@@ -23,7 +23,7 @@ A task's hooks, in the order `fit` calls them:
     build(state)                          data, model (weights from `state` when resuming), optimizer, schedule
     load_state_dict(state)                the task's own resume state (after the Stepper's)
     train_mode()                          at the start and after every evaluation
-    prepare(batch, epoch, index)          eager: to the device, CPU-side randomness (Mixup)
+    prepare(batch, epoch, index)          eager: to the device, CPU-side randomness (Mixup); None: nothing usable
     forward(model, *inputs) -> losses     {'loss': backpropagated, ...: logged}; compiled with compile=true
     after_step(step, epoch)               e.g. an EMA teacher update
     evaluate(step) -> metrics             when due, and at the end
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from core import checkpoint as ckpt
-from core import dist, engine
+from core import dist, engine, weights
 from core.config import ConfigError, check_output_folder, save_config, to_dict, validate
 from core.data import DataError, Loader
 from core.monitor import RunLogger, write_results
@@ -133,6 +133,13 @@ class Task:
 
     def describe(self) -> str:
         return self.name
+
+    def pretraining(self) -> dict | None:
+        """How the weights this run starts from were pretrained (`core.weights.pretraining_setting` of
+        `checkpoint`; None for random init or a file not made by this suite). Recorded in checkpoint-last's
+        meta and results.json, so that a table places the run without reconstructing anything."""
+        path = self.cfg.get("checkpoint")
+        return weights.pretraining_setting(path) if path and Path(path).is_file() else None
 
     def results(self, last_eval: dict | None) -> dict:
         return {}
@@ -254,6 +261,7 @@ class Trainer:
     def __init__(self, task: Task):
         self.task, self.cfg, self.env = task, task.cfg, task.env
         self.checkpoints: dict[str, str] = {}
+        self.pretraining: dict | None = None
         self.last_eval: dict | None = None  # {"step": k, "metrics": {...}}
         self.log: RunLogger | None = None
         self.corrupt: dict[str, dict[str, str]] = {}  # split -> {path: reason}: corrupt files skipped in the run
@@ -298,6 +306,7 @@ class Trainer:
             ckpt.remove_stale_temporaries(task.out)
         task.build(state)
         self._watch_corrupt(state)
+        self.pretraining = task.pretraining()
         layout = Layout(task.check_batches(task.train_sampler), task.accum, task.unit)
         total = len(task.schedule)
         model = engine.ddp(task.model, env)
@@ -339,9 +348,9 @@ class Trainer:
             stepper.start_step()
             for j in range(size):
                 epoch, index, batch = next(stream)
-                if batch is None:
+                inputs = None if batch is None else task.prepare(batch, epoch, index)
+                if inputs is None:
                     raise DataError(f"epoch {epoch}: every image of training micro-batch {index} is corrupt")
-                inputs = task.prepare(batch, epoch, index)
                 with stepper.autocast():
                     losses = forward(stepper.model, *inputs)
                 stepper.backward(losses["loss"], size=size, last=j == size - 1)
@@ -486,7 +495,7 @@ class Trainer:
                     "last_eval": self.last_eval,
                     "corrupt": corrupt,
                 },
-                "meta": {"format": task.format, **task.meta()},
+                "meta": {"format": task.format, "pretraining": self.pretraining, **task.meta()},
                 "config": to_dict(self.cfg),
             }
             ckpt.save(state, path)
@@ -495,6 +504,7 @@ class Trainer:
     def _results(self, speed: dict) -> dict:
         task = self.task
         record = task.results(self.last_eval["metrics"] if self.last_eval else None)
+        record.setdefault("pretraining", self.pretraining)
         record.setdefault("checkpoints", dict(self.checkpoints))
         record["speed"] = speed
         record.setdefault("config", str(task.out / "config.yaml"))
@@ -516,6 +526,7 @@ class Trainer:
         engine.seed_everything(self.cfg.seed, env.rank)
         task.build(None)
         self._watch_corrupt(None)
+        self.pretraining = task.pretraining()
         self.log = RunLogger(task.out, enabled=env.is_main, tensorboard=self.cfg.log.tensorboard)
         if env.is_main:
             save_config(self.cfg, task.out / "config.yaml")

@@ -26,7 +26,7 @@ class Model:
     drop_path: float = option(ge=0, lt=1)
     window_size: int = option(ge=1)
     global_blocks: list[int] | None = option(ge=0, order="increasing")
-    grad_checkpoint: bool = option()
+    grad_checkpointing: bool = option()
 
 
 @dataclass

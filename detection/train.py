@@ -13,48 +13,32 @@ import time
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
 
 from core import engine, trainer
 from core.config import ConfigError, check_file, check_folder
 from core.data import DataError, make_loader, train_eval_samplers
 from core.monitor import file_sha256
-from core.optim import param_groups, warmup_step
+from core.optim import adamw, detectron2_groups, warmup_step
 from detection.data import CocoInstances, collate
 from detection.evaluate import STATS, evaluate
 from detection.model import build_detector, load_pretrained
 from detection.schema import DetectionConfig
 
 FORMAT = "dbot-suite/coco/v1"
-NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
-
-
-def no_decay_names(model: nn.Module, kinds) -> set[str]:
-    """Parameters without weight decay (detectron2's `weight_decay_norm=0` and the `pos_embed` override):
-    `norm` = every parameter of a normalisation layer, `pos_embed` = the absolute position embedding. Biases and
-    the relative-position tables are decayed, as in ViTDet."""
-    names = set()
-    if "pos_embed" in kinds:
-        names.update(n for n, _ in model.named_parameters() if n.endswith("pos_embed"))
-    if "norm" in kinds:
-        for mod_name, mod in model.named_modules():
-            if isinstance(mod, NORMS):
-                names.update(f"{mod_name}.{p}" for p, _ in mod.named_parameters(recurse=False))
-    return names
 
 
 def build_optimizer(cfg, model) -> torch.optim.Optimizer:
+    """AdamW over detectron2's ViTDet groups (`core.optim.detectron2_groups`): optim.no_decay `norm` = torch
+    norm layers (the ViT's LayerNorms; the pyramid's and heads' LayerNorms decay, as in detectron2), `pos_embed`."""
     o = cfg.optim
-    skip = no_decay_names(model, o.no_decay)
-    groups = param_groups(
+    groups = detectron2_groups(
         model,
         o.weight_decay,
-        layer_decay=o.layer_decay,
-        layer_id=model.layer_id,
-        num_layers=model.num_layers,
-        skip_decay=lambda name, p: name in skip,
+        o.layer_decay,
+        norms="norm" in o.no_decay,
+        names=("pos_embed",) if "pos_embed" in o.no_decay else (),
     )
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas))
+    return adamw(groups, lr=0.0, betas=o.betas, device=next(model.parameters()).device)
 
 
 def check(cfg: DictConfig, env) -> dict:

@@ -25,6 +25,7 @@ class Model:
     global_pool: str = option(choices=("avg", "token"))
     drop_path: float = option(ge=0, lt=1)
     head_init_std: float = option(gt=0)
+    grad_checkpointing: bool = option()
 
 
 @dataclass

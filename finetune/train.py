@@ -21,7 +21,7 @@ from core import engine, trainer
 from core.config import ConfigError, check_file, check_folder, to_dict
 from core.data import Augmented, make_loader, sample_seed, seeded, train_eval_samplers
 from core.monitor import file_sha256
-from core.optim import no_weight_decay, param_groups, warmup_cosine
+from core.optim import adamw, mae_finetune_groups, warmup_cosine
 from finetune.data import base_datasets, eval_transform, train_transform
 from finetune.evaluate import evaluate
 from finetune.model import build_classifier, freeze_for_linprobe, init_head, load_pretrained, read_pretrained
@@ -61,17 +61,8 @@ def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
             momentum=0.9,
             trust_coeff=0.001,
         )
-    standard = o.skip_decay == "standard"
-    groups = param_groups(
-        model,
-        o.weight_decay,
-        layer_decay=o.layer_decay,
-        layer_id=model.layer_id,
-        num_layers=model.num_layers,
-        skip_decay=no_weight_decay if standard else (lambda name, p: False),
-        extra_no_decay=tuple(model.no_weight_decay()) if standard else (),
-    )
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas))
+    groups = mae_finetune_groups(model, o.weight_decay, o.layer_decay, exempt=o.skip_decay == "standard")
+    return adamw(groups, lr=0.0, betas=o.betas, device=next(model.parameters()).device)
 
 
 def criterion_and_mixup(cfg: DictConfig, num_classes: int):
@@ -203,6 +194,7 @@ class Finetune(trainer.Task):
             "model": self.cfg.model.size,
             "num_classes": len(self.classes),
             "classes": classes,
+            "pretraining": self.trainer.pretraining if self.trainer else None,  # so a later fine-tune can place it
         }
 
     def describe(self) -> str:

@@ -24,8 +24,8 @@ from torch import nn
 
 from core import checkpoint as ckpt
 from core.vit import ViT
+from core.weights import read_backbone
 from pretrain.beit import SymmetricStudent
-from tools.convert import read_backbone
 
 
 # ----------------------------------------------------------------------------------------------- 1. mask

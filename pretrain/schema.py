@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.config import SEED_MAX, ConfigError, RunOptions, option, section
+from core.datapath import BACKENDS
 from core.vit import PRESETS, preset
 from pretrain.dbot import Stages
 from pretrain.targets import KINDS
@@ -35,6 +36,7 @@ class Model:
     num_heads: int | None = option(ge=1)
     depth_per_stage: list[int] | None = option(ge=1, min_length=1)
     drop_path: float = option(ge=0, lt=1)
+    grad_checkpointing: bool = option()
     mask_ratio: float = option(gt=0, lt=1)
     masking: str = option(choices=("random", "block"))
     decoder: Decoder = section(Decoder)
@@ -125,6 +127,8 @@ class Data:
     crop_scale: list[float] = option(length=2, gt=0, le=1, order="sorted")
     color_jitter: float | None = option(ge=0)
     skip_corrupt: bool = option()
+    backend: str = option(choices=BACKENDS)
+    jpeg_draft: bool = option()
 
 
 @dataclass
@@ -174,6 +178,8 @@ class PretrainConfig(RunOptions):
             )
         if m.masking == "block" and m.kind == "mae":
             raise ConfigError("model.masking=block needs model.kind=beit (the asymmetric encoder needs equal counts)")
+        if cfg.data.jpeg_draft and cfg.data.backend != "uint8":
+            raise ConfigError(f"data.jpeg_draft=true needs data.backend=uint8 (got data.backend={cfg.data.backend})")
         if t.kind == "ema" and (m.kind != "mae" or m.masking != "random"):
             raise ConfigError("target.kind=ema (multi-fold teacher) needs model.kind=mae with random masking")
         if t.kind == "timm" and (not t.timm.name or not t.timm.checkpoint):

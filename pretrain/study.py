@@ -33,7 +33,7 @@ from core import checkpoint as ckpt
 from core.config import load_config
 from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder
 from core.vit import ViT
-from tools.convert import read_backbone
+from core.weights import read_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 

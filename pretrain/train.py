@@ -12,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchvision import transforms
 
 from core import checkpoint as ckpt
-from core import dist, engine, trainer
+from core import datapath, dist, engine, trainer, weights
 from core.config import ConfigError, check_file, check_folder, to_dict
-from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, make_loader
-from core.optim import param_groups, warmup_cosine
+from core.optim import adamw, mae_pretrain_groups, warmup_cosine
 from core.vit import preset
 from pretrain import dbot, targets
 from pretrain.beit import SymmetricStudent
@@ -97,6 +95,7 @@ def build_student(plan: Plan, stage: int, target_dim: int, depth: int | None = N
             **arch,
         )
     student.initialize_weights(torch.Generator().manual_seed(plan.stage_seed(stage)))
+    student.set_grad_checkpointing(c.grad_checkpointing)  # encoder blocks (timm's switch)
     return student
 
 
@@ -157,21 +156,6 @@ def lr_schedule(plan: Plan, batches_per_epoch: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def transform(plan: Plan):
-    c = plan.cfg.data
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(
-                plan.arch["img_size"], scale=tuple(c.crop_scale), interpolation=transforms.InterpolationMode.BICUBIC
-            ),
-            transforms.RandomHorizontalFlip(),
-            *([transforms.ColorJitter(c.color_jitter, c.color_jitter, c.color_jitter)] if c.color_jitter else []),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
 # ------------------------------------------------------------------------------------------------ task
 class Pretrain(trainer.Task):
     name, format, unit = "pretrain", FORMAT, "epoch"
@@ -205,21 +189,11 @@ class Pretrain(trainer.Task):
             raise ConfigError(str(e)) from None
         self.first = state["meta"]["first_target"] if state else self.target.describe()
         self.masker = build_masker(plan)
-        self.dataset = ImageFolder(
-            plan.train_root,
-            transform(plan),
-            seed=self.cfg.seed,
-            skip_corrupt=c.skip_corrupt,
-            extra=self.masker.sample,
-            what="data.root (train split)",
-        )
-        self.train_sampler = ShardedSampler(
-            len(self.dataset), c.batch_per_gpu, rank=self.env.rank, world=self.env.world_size, seed=self.cfg.seed
-        )
+        self.data = datapath.pretrain_data(
+            c, plan.train_root, plan.arch["img_size"], seed=self.cfg.seed, env=self.env, extra=self.masker.sample
+        )  # data.backend: pil (reference) | uint8 (normalised on the device) | gpu (decode + augment there)
+        self.dataset, self.train_sampler, self.train_loader = self.data.dataset, self.data.sampler, self.data.loader
         batches = self.check_batches(self.train_sampler, "data.root")
-        self.train_loader = make_loader(
-            self.dataset, self.train_sampler, workers=c.workers, device=self.device, drop_last=True
-        )
         self.schedule = lr_schedule(plan, batches)
         self.student.to(self.device)
         self.target.to(self.device)
@@ -227,7 +201,7 @@ class Pretrain(trainer.Task):
 
     def optimizer_for(self, student) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return torch.optim.AdamW(param_groups(student, o.weight_decay), lr=self.plan.lr, betas=tuple(o.betas))
+        return adamw(mae_pretrain_groups(student, o.weight_decay), lr=self.plan.lr, betas=o.betas, device=self.device)
 
     def load_state_dict(self, state) -> None:
         self.stage_losses = dict(state.get("stage_losses", {}))
@@ -236,8 +210,11 @@ class Pretrain(trainer.Task):
         self.student.train()
 
     def prepare(self, batch, epoch, index):
-        images, _, spec = batch
-        return images.to(self.device, non_blocking=True), spec.to(self.device, non_blocking=True)
+        out = self.data.to_device(batch, self.device)  # None: every image of the batch failed to decode
+        if out is None:
+            return None
+        images, _, spec = out
+        return images, spec
 
     def forward(self, model, images, spec):
         return {"loss": dbot.distill(model, self.target, images, self.masker(spec))}
@@ -296,6 +273,7 @@ class Pretrain(trainer.Task):
         self.saved(f"stage{self.stage}_student", ckpt.save(state, self.out / f"{name}-student.pth"))
         teacher = getattr(self.target, "teacher", None)
         if teacher is not None:
+            meta = {"format": FORMAT, **self.meta(teacher_file=True)}
             path = ckpt.save({"model": teacher.state_dict(), "meta": meta}, self.out / f"{name}-teacher.pth")
             self.saved(f"stage{self.stage}_teacher", path)
 
@@ -307,9 +285,11 @@ class Pretrain(trainer.Task):
             "stage_losses": self.stage_losses,
         }
 
-    def meta(self) -> dict:
+    def meta(self, teacher_file: bool = False) -> dict:
+        """What a checkpoint of this stage records, with the pretraining setting of its weights (the student's,
+        or for a teacher file the teacher's) as `core.weights` describes it."""
         teacher = getattr(self.target, "teacher", None)
-        return {
+        meta = {
             "stage": self.stage,
             "student_kind": self.cfg.model.kind,
             "student_arch": self.plan.student_arch(self.stage),
@@ -319,6 +299,8 @@ class Pretrain(trainer.Task):
             "teacher": dbot.teacher_spec(teacher) if teacher is not None else None,
             "first_target": self.first,
         }
+        meta["pretraining"] = weights.stage_setting(to_dict(self.cfg), self.stage, meta, teacher=teacher_file)
+        return meta
 
     def describe(self) -> str:
         cfg, plan = self.cfg, self.plan
@@ -348,6 +330,7 @@ class Pretrain(trainer.Task):
             "final_student": str(self.out / f"checkpoint-stage{final}-student.pth"),
             "global_batch": cfg.optim.global_batch,
             "lr": self.plan.lr,
+            "pretraining": self.meta()["pretraining"],  # what the final student is
         }
 
 

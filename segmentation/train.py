@@ -22,7 +22,7 @@ from core import dist, engine, trainer
 from core.config import ConfigError, check_file, check_folder
 from core.data import DataError, ShardedSampler, eval_sampler, make_loader
 from core.monitor import file_sha256
-from core.optim import param_groups, warmup_poly
+from core.optim import adamw, mmseg_groups, warmup_poly
 from segmentation.data import ADE20K, TrainPipeline, check_labels, class_names
 from segmentation.evaluate import class_table, evaluate
 from segmentation.model import build_segmentor, load_pretrained
@@ -57,10 +57,8 @@ def check(cfg: DictConfig, env) -> dict:
 
 def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = param_groups(
-        model, o.weight_decay, layer_decay=o.layer_decay, layer_id=model.layer_id, num_layers=model.num_layers
-    )
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas))
+    groups = mmseg_groups(model, o.weight_decay, o.layer_decay)
+    return adamw(groups, lr=0.0, betas=o.betas, device=next(model.parameters()).device)
 
 
 def sync_buffers(model: nn.Module) -> None:

@@ -10,6 +10,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from core import checkpoint as ckpt
+from core import weights
 from core.vit import build_vit, preset
 from tools import convert
 
@@ -84,7 +85,7 @@ def released_file(tmp_path, pred="decoder_predp"):
 @pytest.mark.parametrize("pred", ["decoder_predp", "decoder_pred"])
 def test_released_pretraining_file_imports_with_decoder_dropped_and_nothing_missing(tmp_path, pred):
     path, sd, decoder_keys = released_file(tmp_path, pred)
-    enc, info = convert.read_backbone(path)
+    enc, info = weights.read_backbone(path)
     assert info.layout == ("dbot-released/pretrain" if pred == "decoder_predp" else "mae/pretrain")
     assert set(info.dropped) == decoder_keys
     model = build_vit("tiny")
@@ -99,7 +100,7 @@ def test_fine_tuned_file_head_dropped_unless_asked(tmp_path):
     sd |= {"fc_norm.weight": torch.ones(D), "fc_norm.bias": torch.zeros(D), "head.weight": torch.zeros(1000, D)}
     sd |= {"head.bias": torch.zeros(1000)}
     path = ckpt.save({"model": sd, "epoch": 99, "args": argparse.Namespace()}, tmp_path / "ft.pth")
-    body, info = convert.read_backbone(path)
+    body, info = weights.read_backbone(path)
     assert info.layout == "mae/finetune" and sorted(info.dropped) == [
         "fc_norm.bias",
         "fc_norm.weight",
@@ -107,7 +108,7 @@ def test_fine_tuned_file_head_dropped_unless_asked(tmp_path):
         "head.weight",
     ]
     assert not any(k.startswith(("head.", "fc_norm.")) for k in body)
-    full, _ = convert.read_backbone(path, keep_head=True)
+    full, _ = weights.read_backbone(path, keep_head=True)
     assert "fc_norm.weight" in full and "head.weight" in full
 
 
@@ -283,13 +284,13 @@ def test_the_teacher_inside_checkpoint_last_reads_with_key_target(tmp_path):
     teacher = build_vit("tiny")
     state = {"model": {}, "target": {f"teacher.{k}": v for k, v in teacher.state_dict().items()}}
     path = ckpt.save(state, tmp_path / "last.pth")
-    sd, _ = convert.read_backbone(path, key="target")
+    sd, _ = weights.read_backbone(path, key="target")
     assert sd.keys() == teacher.state_dict().keys()
     cnn = ckpt.save({"model": {"conv.weight": torch.ones(1)}}, tmp_path / "cnn.pth")
     with pytest.raises(
         ckpt.CheckpointError, match="not a ViT checkpoint in a known layout.*found e.g. \\['conv.weight'\\]"
     ):
-        convert.read_backbone(cnn)
+        weights.read_backbone(cnn)
 
 
 # ------------------------------------------------------------------------- consumers: what they load

@@ -84,7 +84,7 @@ def test_window_blocks_have_window_tables_and_global_blocks_grid_tables():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     kw = dict(img_size=32, patch_size=4, pos_grid=4, embed_dim=32, depth=2, num_heads=2, window_size=4)
-    plain, ckpt_ = ViTDetBackbone(**kw), ViTDetBackbone(**kw, grad_checkpoint=True)
+    plain, ckpt_ = ViTDetBackbone(**kw), ViTDetBackbone(**kw, grad_checkpointing=True)
     ckpt_.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
     for m in (plain, ckpt_):  # drop path 0.1: the recomputation must redraw the same masks
@@ -189,17 +189,13 @@ def test_layer_decay_and_weight_decay_follow_detectron2(tmp_path):
     for name, g in by_name.items():
         assert g["lr_scale"] == pytest.approx(vitdet_rate(name)), name
     no_decay = {n for n, g in by_name.items() if g["weight_decay"] == 0.0}
+    for name in ("backbone.net.pos_embed", "backbone.net.blocks.0.norm1.weight", "backbone.net.blocks.3.norm2.bias"):
+        assert name in no_decay, name
     for name in (
-        "backbone.net.pos_embed",
-        "backbone.net.blocks.0.norm1.weight",
-        "backbone.net.blocks.3.norm2.bias",
         "backbone.pyramid.stages.0.1.weight",  # the LN between the two transposed convs
         "backbone.pyramid.stages.3.2.bias",  # the LN after the 1x1 conv
         "roi_heads.box_head.0.1.weight",
         "roi_heads.mask_head.3.1.bias",
-    ):
-        assert name in no_decay, name
-    for name in (
         "backbone.net.blocks.0.attn.rel_pos_h",
         "backbone.net.blocks.0.attn.qkv.bias",
         "backbone.net.patch_embed.proj.weight",
@@ -207,8 +203,24 @@ def test_layer_decay_and_weight_decay_follow_detectron2(tmp_path):
         "roi_heads.box_predictor.bbox_pred.bias",
     ):
         assert by_name[name]["weight_decay"] == 0.1, name
-    # 2 LNs x 4 blocks + pos_embed + 9 pyramid LNs + 4 box-head LNs + 4 mask-head LNs, weight and bias each
-    assert len(no_decay) == 2 * (2 * depth + 9 + 4 + 4) + 1
+    # detectron2's get_default_optimizer_params(weight_decay_norm=0.0, overrides={"pos_embed": {"weight_decay": 0}}),
+    # written out: a parameter skips decay if its module is one of torch's norm classes or its own name is
+    # pos_embed. ViTDet's ViT blocks use torch's nn.LayerNorm; the pyramid and the RoI heads use get_norm("LN"),
+    # detectron2's own layers.LayerNorm (an nn.Module, not a torch norm class), here timm's LayerNorm2d.
+    torch_norms = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)  # those that could occur here
+    detectron2_module_is_torch_norm = {
+        mod_name: isinstance(mod, torch_norms) and mod_name.startswith("backbone.net.")
+        for mod_name, mod in model.named_modules()
+    }
+    expect = {
+        f"{mod_name}.{p}"
+        for mod_name, mod in model.named_modules()
+        for p, _ in mod.named_parameters(recurse=False)
+        if detectron2_module_is_torch_norm[mod_name] or p == "pos_embed"
+    }
+    assert no_decay == expect
+    # 2 LNs x 4 blocks, weight and bias each, + pos_embed
+    assert len(no_decay) == 2 * 2 * depth + 1
     huge_like = detection_config(tmp_path, tmp_path / "o", "optim.no_decay=[]")
     assert all(g["weight_decay"] == 0.1 for g in build_optimizer(huge_like, model).param_groups)
 

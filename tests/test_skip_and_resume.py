@@ -84,6 +84,23 @@ def test_pretraining_counts_a_corrupt_file_once_per_run_across_epochs_and_a_resu
     assert "data.skip_corrupt: 1 train corrupt image(s) skipped; named in results.json" in log
 
 
+@pytest.mark.parametrize("backend", ["uint8", "gpu"])
+def test_every_pretraining_data_backend_follows_the_rule(backend, tiny_imagenet, tmp_path):
+    from pretrain.train import run
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_imagenet, root)
+    garbage, truncated = root / "train" / "circle" / "circle_00003.jpg", root / "train" / "square" / "square_00001.jpg"
+    garbage.write_bytes(NOT_AN_IMAGE)
+    truncated.write_bytes(truncated.read_bytes()[:300])  # the header reads; the data does not decode
+    res = run(
+        pretrain_config(
+            root, tmp_path / "o", "data.skip_corrupt=true", f"data.backend={backend}", "stages.epochs=[0,1]"
+        )
+    )
+    assert res["corrupt_images"]["train"] == {"count": 2, "files": sorted([str(garbage), str(truncated)])}
+
+
 def test_finetuning_names_corrupt_train_and_val_images_and_scores_the_rest(tiny_imagenet, tmp_path, capsys):
     from finetune.train import run
 

@@ -3,7 +3,7 @@
     python -m tools.analysis runs/pretrain-base/checkpoint-stage1-student.pth mae=mae_pretrain_vit_base.pth \\
         --data /path/to/imagenet/val --out runs/analysis [--max-images 5000]
 
-For every checkpoint `tools.convert.read_backbone` reads (NAME=PATH to name it) and the images of any folder
+For every checkpoint `core.weights.read_backbone` reads (NAME=PATH to name it) and the images of any folder
 (searched recursively), as RECIPES.md section 6 and the authors' `analysis/analysis.py` define them:
 
 - averaged attention distance, per block and head: the post-softmax attention over the images, cls row and
@@ -50,7 +50,7 @@ from core.data import (
 )
 from core.monitor import file_sha256
 from core.vit import PRESETS, ViT, resize_pos_embed
-from tools.convert import read_backbone
+from core.weights import read_backbone
 
 TOPK = 5
 

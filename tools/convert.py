@@ -3,14 +3,8 @@ OpenMMLab.
 
     python -m tools.convert runs/pretrain-base/checkpoint-stage1-student.pth vit_b_dbot.pth --to timm --model base
 
-`read_backbone(path)` is the one entry point every downstream task uses to start from pretrained weights.
-It understands
-- this suite's pretraining files (student of any stage, teacher, checkpoint-last) and fine-tuning files,
-- the authors' released dBOT files and MAE's (`{'model': ..., 'optimizer', 'epoch', 'scaler', 'args'}`,
-  with decoder and mask-token keys in pretraining files, `head`/`fc_norm` in fine-tuned ones),
-- plain timm ViT state dicts, `.pth` or `.safetensors`,
-and returns the encoder weights under timm names with a note of what was dropped. Loading never executes
-pickled code (see core.checkpoint.load).
+Reading (`core.weights`: every container this suite, the authors, MAE and timm write, size guessing, shape
+adapters) is shared with the tasks; this file holds the writers and the command line.
 
 Writers (`--to`), each a plain function of a timm-named state dict:
 - `backbone`: this suite's `{'model', 'meta'}` file (what every downstream task reads back);
@@ -45,167 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from core import checkpoint as ckpt
 from core import errors
 from core.config import ConfigError, positive_int
 from core.vit import PRESETS
-
-# pretraining-only keys: the decoder (MAE: decoder_pred; released dBOT: decoder_predp), the mask token, the
-# symmetric student's shared relative position bias
-DECODER_PREFIXES = ("decoder_", "mask_token", "rel_pos_bias.")
-HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.")
-WRAPPER_PREFIXES = ("teacher.", "encoder.", "backbone.")
-
-
-@dataclass
-class BackboneInfo:
-    source: str
-    layout: str
-    dropped: list[str] = field(default_factory=list)
-
-
-def detect_layout(obj) -> str:
-    """A name for the container layout of a loaded checkpoint object."""
-    if isinstance(obj, dict):
-        meta = obj.get("meta")
-        if isinstance(meta, dict) and str(meta.get("format", "")).startswith("dbot-suite/"):
-            return meta["format"]
-        if "model" in obj and isinstance(obj["model"], dict):
-            keys = obj["model"].keys()
-            if any(k.startswith("decoder_predp") for k in keys):
-                return "dbot-released/pretrain"
-            if any(k.startswith("decoder_") for k in keys):
-                return "mae/pretrain"
-            if "head.weight" in keys:
-                return "mae/finetune"
-            return "model-dict"
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return "state-dict"
-    return "unknown"
-
-
-def read_backbone(path: str | os.PathLike, key: str | None = None, keep_head: bool = False):
-    """Encoder weights `{timm name: tensor}` and a BackboneInfo from any supported checkpoint.
-
-    key: pick a specific entry of the container (e.g. "teacher" in checkpoint-last.pth).
-    keep_head: keep `head.*`/`fc_norm.*` (fine-tuned classifiers) instead of dropping them.
-    """
-    obj = ckpt.load(path)
-    layout = detect_layout(obj)
-    sd = ckpt.state_dict_of(obj, path, key)
-    for prefix in WRAPPER_PREFIXES:  # a teacher inside checkpoint-last's target, an encoder wrapper
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    drop = DECODER_PREFIXES + (() if keep_head else HEAD_PREFIXES)
-    dropped = [k for k in sd if k.startswith(drop)]
-    sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
-    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-        raise ckpt.CheckpointError(
-            f"{path}: not a ViT checkpoint in a known layout (layout {layout!r}); expected keys such as "
-            f"cls_token, pos_embed, patch_embed.proj.weight, blocks.N...; found e.g. {sorted(sd)[:8]}"
-        )
-    return sd, BackboneInfo(source=str(path), layout=layout, dropped=dropped)
-
-
-# ------------------------------------------------------------------------------------ sizes and adapters
-def arch_of(sd: dict) -> dict:
-    """What the weights say about the architecture: embed_dim, depth, patch_size, grid side, layer scale."""
-    w = sd["patch_embed.proj.weight"]  # [D, 3, p, p]
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
-    n_pos = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
-    return dict(
-        embed_dim=w.shape[0],
-        depth=max(blocks) + 1 if blocks else 0,
-        patch_size=w.shape[-1],
-        grid=int(round(n_pos**0.5)) if n_pos else None,
-        layer_scale="blocks.0.ls1.gamma" in sd,
-    )
-
-
-def guess_size(sd: dict) -> str | None:
-    """The preset (tiny/small/base/large/huge) whose width, depth and patch size the weights have."""
-    from core.vit import PRESETS
-
-    a = arch_of(sd)
-    for name, p in PRESETS.items():
-        if (p["embed_dim"], p["depth"], p["patch_size"]) == (a["embed_dim"], a["depth"], a["patch_size"]):
-            return name
-    return None
-
-
-def model_overrides(sd: dict) -> dict:
-    """Constructor arguments the weights need beyond the preset: layer scale (`blocks.N.ls1.gamma`, the
-    symmetric BEiT-style student) gets a LayerScale module to load into."""
-    return {"init_values": 1.0} if "blocks.0.ls1.gamma" in sd else {}
-
-
-def resize_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Patch-embedding kernel `[D, 3, p, p]` resized bicubically (align_corners False) to `patch_size`, as
-    ViTDet turned MAE's ViT-H/14 into its ViT-H/16."""
-    return F.interpolate(weight.float(), size=(patch_size, patch_size), mode="bicubic", align_corners=False).to(
-        weight.dtype
-    )
-
-
-def shape_adapters(grid: tuple[int, int], patch_size: int):
-    """`core.checkpoint.load_weights` adapters: position embedding to `grid`, patch kernel to `patch_size`."""
-    from core.vit import resize_pos_embed
-
-    def adapt(name, tensor, target):
-        if name == "pos_embed" and tensor.ndim == 3 and tensor.shape[-1] == target.shape[-1]:
-            return resize_pos_embed(tensor, grid)
-        if name == "patch_embed.proj.weight" and tensor.shape[:2] == target.shape[:2]:
-            return resize_patch_embed(tensor, patch_size)
-        return None
-
-    return [adapt]
-
-
-def fit_to_model(
-    sd: dict,
-    model_size: str,
-    img_size: int | None = None,
-    source: str = "<state dict>",
-    patch_size: int | None = None,
-):
-    """Check `sd` against this suite's ViT of `model_size` (at `img_size`, with `patch_size`), resizing the
-    position embedding (and the patch kernel) to fit. Returns (state dict, LoadReport); a shape that cannot
-    be adapted is a CheckpointError naming the tensor."""
-    from core.vit import build_vit
-
-    overrides = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v}
-    with torch.device("meta"):
-        model = build_vit(model_size, **overrides, **model_overrides(sd))
-    adapt = shape_adapters(model.grid_size, model.patch_size)[0]
-    report = ckpt.LoadReport()
-    own = model.state_dict()
-    out, problems = {}, []
-    for k, v in sd.items():
-        if k not in own:
-            report.unexpected.append(k)
-            continue
-        if v.shape != own[k].shape:
-            fixed = adapt(k, v, own[k])
-            if fixed is None or fixed.shape != own[k].shape:
-                problems.append(f"{k}: checkpoint {tuple(v.shape)} vs {model_size} {tuple(own[k].shape)}")
-                continue
-            report.adapted[k] = f"{tuple(v.shape)} -> {tuple(fixed.shape)}"
-            v = fixed
-        out[k] = v
-        report.loaded.append(k)
-    if problems:
-        found = guess_size(sd)
-        hint = f" (the weights look like ViT-{found})" if found and found != model_size else ""
-        raise ckpt.CheckpointError(
-            f"{source}: does not fit a ViT-{model_size}{hint}: "
-            + "; ".join(problems[:4])
-            + (f" ... (+{len(problems) - 4})" if len(problems) > 4 else "")
-        )
-    report.missing = [k for k in own if k not in out]
-    return out, report
-
+from core.weights import HEAD_PREFIXES, BackboneInfo, arch_of, fit_to_model, guess_size, read_backbone
 
 # ------------------------------------------------------------------------------------------------ writers
 LAYOUTS = ("backbone", "timm", "detectron2", "mmdet", "mmseg", "mmseg-vit", "mmpretrain")
