@@ -24,9 +24,10 @@ The resolved config is written into every run folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
-import os
+import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -395,23 +396,32 @@ def check_folder(name: str, path: str | Path, layout: str = "") -> None:
 
 
 def check_output_folder(name: str, path: str | Path) -> None:
-    """An output folder must be a folder, or creatable: its nearest existing ancestor a writable folder.
-    Nothing is created here."""
+    """An output folder must be a folder, or creatable, and writable: tried for real (folders created and a
+    file written, then removed again), so nothing is left behind."""
     _not_empty(name, path)
     p = Path(path).absolute()
-    if p.exists():
-        if not p.is_dir():
-            raise ConfigError(f"{name}={path}: is a file, expected a folder for the run's output")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ConfigError(f"{name}={path}: the folder is not writable")
-        return
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{name}={path}: cannot be created, {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{name}={path}: cannot be created, {parent} is not writable")
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{name}={path}: is a file, expected a folder for the run's output")
+    missing, q = [], p
+    while not q.exists():
+        missing.append(q)
+        q = q.parent
+    if not q.is_dir():
+        raise ConfigError(f"{name}={path}: cannot be created, {q} is a file")
+    created = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        what = "cannot be created" if missing and len(created) < len(missing) else "the folder is not writable"
+        raise ConfigError(f"{name}={path}: {what} ({e.strerror or e})") from None
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def positive_int(text: str) -> int:

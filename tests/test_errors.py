@@ -375,3 +375,24 @@ def test_the_converter_prints_one_error_line(tmp_path):
         with pytest.raises(SystemExit):  # argparse: usage and one error line
             convert.main([str(vit), str(tmp_path / "x.pth"), *bad])
     assert not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_an_output_folder_the_system_refuses_is_named_before_anything_runs(tiny_imagenet, tmp_path):
+    """/proc refuses new folders even to root: the output folder is tried for real (and nothing is left)."""
+    from finetune.train import run
+
+    with pytest.raises(ConfigError, match="out=/proc/dbot-suite/run: cannot be created"):
+        run(finetune_config(tiny_imagenet, "/proc/dbot-suite/run"))
+    from core.config import check_output_folder
+
+    check_output_folder("out", tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []  # the probe's folders are removed again
+
+
+def test_a_doubtful_setting_is_warned_about_when_the_run_starts(tiny_imagenet, tmp_path, capsys):
+    from finetune.train import run
+
+    run(finetune_config(tiny_imagenet, tmp_path / "o", "epochs=1", "optim.warmup_epochs=2"))
+    out = capsys.readouterr().out
+    assert "warning: optim.warmup_epochs=2 is longer than the run (epochs=1): the lr never reaches its peak" in out
