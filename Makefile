@@ -86,13 +86,16 @@ $(TINY)/ade20k/.done: tools/datasets.py | $(VENV)/.installed
 $(TINY_CKPT): | $(VENV)/.installed
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 
-demo: venv ## the whole tiny chain on CPU: pretrain -> convert -> finetune -> coco -> ade20k -> table
+demo: venv ## the whole tiny chain on CPU: pretrain -> convert -> finetune (and from random init) -> coco -> ade20k -> table
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory convert MODEL=tiny CKPT= TO=timm OUT=$(RUNS)/pretrain-tiny/vit_tiny_dbot_timm.pth
 	$(MAKE) --no-print-directory finetune MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
+	$(MAKE) --no-print-directory finetune MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 \
+		ARGS='checkpoint=null out=$(RUNS)/finetune-tiny-random'
 	$(MAKE) --no-print-directory coco MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory ade20k MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory table RUNS=$(RUNS) ARGS=
+	@$(PY) -m tools.compare $(RUNS)/finetune-tiny $(RUNS)/finetune-tiny-random
 
 pretrain: venv $(TINY_DEPS) ## dBOT pretraining (tiny data by default; DATA=imagenet MODEL=base NGPUS=8 ...)
 	$(LAUNCH) pretrain -c $(MODEL) data.root=$(PRETRAIN_DATA) out=$(RUNS)/pretrain-$(MODEL) $(ARGS)
