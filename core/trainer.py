@@ -266,7 +266,15 @@ class Trainer:
         self.log: RunLogger | None = None
         self.corrupt: dict[str, dict[str, str]] = {}  # split -> {path: reason}: corrupt files skipped in the run
         task.trainer = self
-        check_output_folder("out", self.cfg.out)
+        problem = None
+        if self.env.is_main:  # one process tries the folder (several would race); every one gets the verdict
+            try:
+                check_output_folder("out", self.cfg.out)
+            except ConfigError as e:
+                problem = str(e)
+        problem = dist.broadcast_object(problem)
+        if problem is not None:
+            raise ConfigError(problem)
 
     # ------------------------------------------------------------------------------------------ setup
     def _resume_state(self):
