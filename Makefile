@@ -55,6 +55,7 @@ help: ## this list
 	@echo "  NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)  multi-node rendezvous"
 	@echo "  BENCH=$(BENCH)  make bench: which throughput benchmarks to run"
 	@echo "  ARGS=           extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
+	@echo "                  (each checked; a bad one is one line 'error: ...'; ARGS=--debug or DBOT_DEBUG=1: traceback)"
 	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmdet mmseg mmseg-vit mmpretrain backbone) and output file"
 	@echo "  LABELS=         table: YAML naming the rows of checkpoints not made here (see README)"
 	@echo "  PYTHON=$(PYTHON) interpreter used to create $(VENV)"

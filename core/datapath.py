@@ -49,11 +49,14 @@ from core.data import (
     ImageFolder,
     ShardedSampler,
     collate_skip,
+    decode_skipping,
     list_image_folder,
     make_loader,
     open_rgb,
     sample_seed,
+    with_skipped,
 )
+from core.errors import one_line
 
 BACKENDS = ("pil", "uint8", "gpu")
 BICUBIC = transforms.InterpolationMode.BICUBIC
@@ -159,8 +162,8 @@ def _jitter_pil(img: Image.Image, jitter) -> Image.Image:
 # --------------------------------------------------------------------------------------------- uint8
 class Uint8Folder(Dataset):
     """`root/<class>/*` -> `(uint8 [H, W, 3], label[, spec])`, the reference's pixels before ToTensor.
-    Keys `(epoch, index)` as core.data.ImageFolder; undecodable files: CorruptImageError, or None with
-    `skip_corrupt`."""
+    Keys `(epoch, index)` as core.data.ImageFolder; undecodable files: CorruptImageError, or with
+    `skip_corrupt` skipped as ImageFolder skips them (the next decodable image, with the draws of the key)."""
 
     def __init__(self, root, aug: Augment, *, seed=0, skip_corrupt=False, extra=None, draft=False, what="data"):
         self.root = Path(root)
@@ -172,15 +175,15 @@ class Uint8Folder(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[index]
-        try:
-            img, spec = self._decode(path, epoch, index)
-        except CorruptImageError:
-            if self.skip_corrupt:
-                return None
-            raise
+
+        def load(j):
+            path, label = self.samples[j]
+            return *self._decode(path, epoch, index), label
+
+        item, files = decode_skipping(load, index, len(self), skip=self.skip_corrupt, replace=True)
+        img, spec, label = item
         x = torch.from_numpy(np.array(img, dtype=np.uint8))
-        return (x, label) if self.extra is None else (x, label, spec)
+        return with_skipped((x, label) if self.extra is None else (x, label, spec), files)
 
     def _decode(self, path, epoch: int, index: int):
         try:
@@ -195,7 +198,7 @@ class Uint8Folder(Dataset):
                     s = 1 if drafted is None else round(width / drafted[1][2])  # the scale libjpeg applies
                 img = im.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+            raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})", path) from None
         return self._crop(img, p, s), spec
 
     def _crop(self, img: Image.Image, p: Params, s: int) -> Image.Image:
@@ -240,7 +243,8 @@ class Encoded:
 
 class EncodedFolder(Dataset):
     """`root/<class>/*` -> `Encoded` (file bytes + the reference's draws); decoding happens on the device.
-    A file whose header cannot be read is a CorruptImageError (None with `skip_corrupt`)."""
+    A file whose header cannot be read is a CorruptImageError, or with `skip_corrupt` skipped as ImageFolder
+    skips it (the next readable file, with the draws of the key)."""
 
     def __init__(self, root, aug: Augment, *, seed=0, skip_corrupt=False, extra=None, what="data"):
         self.root = Path(root)
@@ -252,27 +256,24 @@ class EncodedFolder(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[index]
+        item, files = decode_skipping(
+            lambda j: self._encode(j, epoch, index), index, len(self), skip=self.skip_corrupt, replace=True
+        )
+        return with_skipped(item, files)
+
+    def _encode(self, j: int, epoch: int, index: int) -> Encoded:
+        path, label = self.samples[j]
         try:
             raw = np.fromfile(path, dtype=np.uint8)
             with Image.open(io.BytesIO(raw.tobytes())) as im:  # the header only
                 width, height = im.size
                 jpeg = im.format == "JPEG"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            if self.skip_corrupt:
-                return None
-            raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+            raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})", path) from None
         with torch_seeded(sample_seed(self.seed, epoch, index)):
             p = draw_params(self.aug, width, height)
             spec = self.extra() if self.extra is not None else None
-        pixels = None
-        if not jpeg:
-            try:
-                pixels = torch.from_numpy(np.array(open_rgb(path), dtype=np.uint8)).permute(2, 0, 1)
-            except CorruptImageError:
-                if self.skip_corrupt:
-                    return None
-                raise
+        pixels = None if jpeg else torch.from_numpy(np.array(open_rgb(path), dtype=np.uint8)).permute(2, 0, 1)
         return Encoded(str(path), torch.from_numpy(raw) if jpeg else None, pixels, p, label, spec)
 
 
@@ -285,16 +286,19 @@ def collate_encoded(batch):
 class DeviceAugment:
     """Decode a batch of `Encoded` samples on `device` and apply their draws there: crop, bicubic antialiased
     resize (PIL's filter, rounded to whole levels as PIL's uint8 output is), flip, jitter, ToTensor +
-    Normalize. Returns `(images [N, 3, S, S] float32, labels [N], spec [N, ...] or None)`; with
-    `skip_corrupt` undecodable files are dropped (fewer rows; None when none is left), otherwise a
-    CorruptImageError names the file."""
+    Normalize. Returns `(images [N, 3, S, S] float32, labels [N], spec [N, ...] or None)`. A file whose header
+    read but whose data decodes neither here nor with PIL is a CorruptImageError naming it, or with
+    `skip_corrupt` dropped from the batch (fewer rows; None when none is left; it cannot be replaced this late)
+    and listed in `skipped` ((path, reason) of the last call)."""
 
     def __init__(self, aug: Augment, skip_corrupt: bool = False):
         self.aug, self.skip_corrupt = aug, skip_corrupt
+        self.skipped: list[tuple[str, str]] = []
 
     def decode(self, batch: list[Encoded], device: torch.device) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        self.skipped = []
         out: list[torch.Tensor | None] = [b.pixels.to(device) if b.pixels is not None else None for b in batch]
         todo = [k for k, b in enumerate(batch) if b.data is not None]
         try:
@@ -311,9 +315,10 @@ class DeviceAugment:
                 try:
                     img = torch.from_numpy(np.array(open_rgb(batch[k].path), dtype=np.uint8)).permute(2, 0, 1)
                     img = img.to(device)
-                except CorruptImageError:
+                except CorruptImageError as e:
                     if not self.skip_corrupt:
                         raise
+                    self.skipped.append((batch[k].path, one_line(e)))
                     img = None
             out[k] = img
         return out
@@ -406,7 +411,10 @@ class PretrainData:
         if batch is None:
             return None
         if self.backend == "gpu":
-            return self.augment(batch, device)
+            out = self.augment(batch, device)
+            for path, reason in self.augment.skipped:  # dropped on the device: recorded with the loader's
+                self.loader.skip(path, reason)
+            return out
         images, labels, *rest = batch
         spec = rest[0].to(device, non_blocking=True) if rest else None
         if self.backend == "uint8":

@@ -35,6 +35,7 @@ A task's hooks, in the order `fit` calls them:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,8 @@ from torch import nn
 
 from core import checkpoint as ckpt
 from core import dist, engine, weights
-from core.config import ConfigError, save_config, to_dict
-from core.data import DataError
+from core.config import ConfigError, check_output_folder, save_config, to_dict, validate
+from core.data import DataError, Loader
 from core.monitor import RunLogger, write_results
 
 
@@ -60,6 +61,7 @@ class Task:
     name = "task"  # results.json "task"
     format = "dbot-suite/task/v1"  # checkpoint meta format
     unit = "epoch"  # "epoch" | "iter"
+    schema: type | None = None  # the config schema (`core.config`): `run` checks the config against it
 
     def __init__(self, cfg, env: dist.DistEnv):
         self.cfg, self.env, self.device = cfg, env, env.device
@@ -141,6 +143,11 @@ class Task:
 
     def results(self, last_eval: dict | None) -> dict:
         return {}
+
+    def loaders(self) -> dict[str, Loader]:
+        """The task's loaders by split (whose skipped corrupt files the engine logs and reports)."""
+        found = {"train": getattr(self, "train_loader", None), "val": getattr(self, "val_loader", None)}
+        return {k: v for k, v in found.items() if isinstance(v, Loader)}
 
     # ---- helpers for tasks
     def autocast(self):
@@ -257,7 +264,17 @@ class Trainer:
         self.pretraining: dict | None = None
         self.last_eval: dict | None = None  # {"step": k, "metrics": {...}}
         self.log: RunLogger | None = None
+        self.corrupt: dict[str, dict[str, str]] = {}  # split -> {path: reason}: corrupt files skipped in the run
         task.trainer = self
+        problem = None
+        if self.env.is_main:  # one process tries the folder (several would race); every one gets the verdict
+            try:
+                check_output_folder("out", self.cfg.out)
+            except ConfigError as e:
+                problem = str(e)
+        problem = dist.broadcast_object(problem)
+        if problem is not None:
+            raise ConfigError(problem)
 
     # ------------------------------------------------------------------------------------------ setup
     def _resume_state(self):
@@ -280,6 +297,14 @@ class Trainer:
             )
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        except BaseException:
+            if self.log is not None:  # the progress bar ends its line before the error is printed
+                self.log.close()
+            raise
+
+    def _fit(self) -> dict:
         task, cfg, env = self.task, self.cfg, self.env
         engine.seed_everything(cfg.seed, env.rank)
         if env.device.type == "cuda":
@@ -288,6 +313,7 @@ class Trainer:
         if env.is_main:
             ckpt.remove_stale_temporaries(task.out)
         task.build(state)
+        self._watch_corrupt(state)
         self.pretraining = task.pretraining()
         layout = Layout(task.check_batches(task.train_sampler), task.accum, task.unit)
         total = len(task.schedule)
@@ -312,6 +338,8 @@ class Trainer:
         if env.is_main:
             save_config(cfg, task.out / "config.yaml")
         log.write(task.describe())
+        for warning in getattr(task.schema, "warnings", lambda cfg: [])(cfg):
+            log.write(f"warning: {warning}")
         if path is not None:
             log.write(f"resuming at step {start} of {total} (epoch {layout.epoch_of(start)}) from {path}")
         forward = task.compile(cfg.compile) if cfg.get("compile") else task.forward
@@ -330,9 +358,7 @@ class Trainer:
                 epoch, index, batch = next(stream)
                 inputs = None if batch is None else task.prepare(batch, epoch, index)
                 if inputs is None:
-                    raise DataError(
-                        f"epoch {epoch}: every image of micro-batch {index} failed to decode; check data.root"
-                    )
+                    raise DataError(f"epoch {epoch}: every image of training micro-batch {index} is corrupt")
                 with stepper.autocast():
                     losses = forward(stepper.model, *inputs)
                 stepper.backward(losses["loss"], size=size, last=j == size - 1)
@@ -393,6 +419,34 @@ class Trainer:
         return self._results(speed)
 
     # --------------------------------------------------------------------------------------- pieces
+    def _watch_corrupt(self, state: dict | None) -> None:
+        """Skipped corrupt files (data.skip_corrupt): each named once in the log when first met (the ones a
+        resumed run already met are known), all listed in results.json."""
+        self.corrupt = {k: dict(v) for k, v in ((state or {}).get("engine", {}).get("corrupt") or {}).items()}
+        for split, loader in self.task.loaders().items():
+            known = self.corrupt.setdefault(split, {})
+            loader.corrupt.update(known)
+            loader.on_skip = self._skipped
+
+    def _skipped(self, split: str, path: str, reason: str) -> None:
+        files = self.corrupt.setdefault(split, {})
+        if path in files:
+            return
+        files[path] = reason
+        msg = f"data.skip_corrupt: skipping {reason} ({split}; {len(files)} skipped in this split so far)"
+        if self.log is not None and self.env.is_main:
+            self.log.write(msg)
+        elif not self.env.is_main:
+            print(f"[rank {self.env.rank}] {msg}", file=sys.stderr, flush=True)
+
+    def _gathered_corrupt(self) -> dict[str, dict[str, str]]:
+        """The corrupt files every process skipped (collective)."""
+        merged: dict[str, dict[str, str]] = {}
+        for part in dist.all_gather_object(self.corrupt):
+            for split, files in part.items():
+                merged.setdefault(split, {}).update(files)
+        return merged
+
     def _log_line(self, step: int, epoch: int, window: Meter, grad_norm) -> None:
         means = window.means()
         loss = means.get("loss", math.nan)
@@ -433,6 +487,7 @@ class Trainer:
         task = self.task
         rngs = engine.gather_rng_states()
         task_state = task.state_dict()  # on every rank: it may reduce counts across processes
+        corrupt = self._gathered_corrupt()
         if self.env.is_main:
             path = task.out / "checkpoint-last.pth"
             self.checkpoints["last"] = str(path)
@@ -446,6 +501,7 @@ class Trainer:
                     "data": {"images": task.train_sampler.n, "batches_per_epoch": layout.batches},
                     "checkpoints": self.checkpoints,
                     "last_eval": self.last_eval,
+                    "corrupt": corrupt,
                 },
                 "meta": {"format": task.format, "pretraining": self.pretraining, **task.meta()},
                 "config": to_dict(self.cfg),
@@ -460,6 +516,13 @@ class Trainer:
         record.setdefault("checkpoints", dict(self.checkpoints))
         record["speed"] = speed
         record.setdefault("config", str(task.out / "config.yaml"))
+        corrupt = self._gathered_corrupt()
+        record["corrupt_images"] = {
+            split: {"count": len(files), "files": sorted(files)[:1000]} for split, files in sorted(corrupt.items())
+        }
+        counts = ", ".join(f"{len(files)} {split}" for split, files in sorted(corrupt.items()) if files)
+        if counts:
+            self.log.write(f"data.skip_corrupt: {counts} corrupt image(s) skipped; named in results.json")
         if self.env.is_main:
             write_results(task.out, task.name, **record)
         return record
@@ -470,6 +533,7 @@ class Trainer:
         task, env = self.task, self.env
         engine.seed_everything(self.cfg.seed, env.rank)
         task.build(None)
+        self._watch_corrupt(None)
         self.pretraining = task.pretraining()
         self.log = RunLogger(task.out, enabled=env.is_main, tensorboard=self.cfg.log.tensorboard)
         if env.is_main:
@@ -484,8 +548,15 @@ def fit(task: Task) -> dict:
     return Trainer(task).fit()
 
 
+def checked(task_cls, cfg):
+    """`cfg` typed and checked against the task's schema (`core.config.validate`), before any compute."""
+    return validate(cfg, task_cls.schema) if task_cls.schema is not None else cfg
+
+
 def run(task_cls, cfg) -> dict:
-    """Set up this process (torchrun / SLURM / single), train `task_cls(cfg, env)`, always tear down."""
+    """Check the config, set up this process (torchrun / SLURM / single), train `task_cls(cfg, env)`, always
+    tear down."""
+    cfg = checked(task_cls, cfg)
     env = dist.init(cfg.device)
     try:
         return fit(task_cls(cfg, env))
@@ -495,6 +566,7 @@ def run(task_cls, cfg) -> dict:
 
 def run_evaluation(task_cls, cfg) -> dict:
     """As `run`, evaluating the task's weights without training."""
+    cfg = checked(task_cls, cfg)
     env = dist.init(cfg.device)
     try:
         return Trainer(task_cls(cfg, env)).evaluate_only()

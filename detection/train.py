@@ -10,22 +10,21 @@ linear warmup, COCO box / mask AP at the end (and every `eval.every`).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from core import engine, trainer
-from core.config import ConfigError
+from core.config import ConfigError, check_file, check_folder
 from core.data import DataError, make_loader, train_eval_samplers
 from core.monitor import file_sha256
 from core.optim import adamw, detectron2_groups, warmup_step
 from detection.data import CocoInstances, collate
-from detection.evaluate import BACKENDS, STATS, evaluate
+from detection.evaluate import STATS, evaluate
 from detection.model import build_detector, load_pretrained
+from detection.schema import DetectionConfig
 
 FORMAT = "dbot-suite/coco/v1"
-NO_DECAY_KINDS = ("norm", "pos_embed")
 
 
 def build_optimizer(cfg, model) -> torch.optim.Optimizer:
@@ -43,29 +42,19 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
 
 
 def check(cfg: DictConfig, env) -> dict:
-    """Derived settings; every problem is reported with its option before any compute."""
-    o = cfg.optim
-    steps = list(o.steps)
-    if steps != sorted(steps) or any(not 0 < k < o.iters for k in steps):
-        raise ConfigError(f"optim.steps {steps} must increase within (0, optim.iters={o.iters})")
-    bad = [k for k in o.no_decay if k not in NO_DECAY_KINDS]
-    if bad:
-        raise ConfigError(f"optim.no_decay: unknown kind(s) {bad}; expected a subset of {list(NO_DECAY_KINDS)}")
-    if cfg.eval.backend not in BACKENDS:
-        raise ConfigError(f"eval.backend must be one of {BACKENDS}, got {cfg.eval.backend!r}")
+    """Derived settings and what needs the environment (processes, device, files, an optional package), before
+    any compute; the options themselves and the rules between them are checked by the schema
+    (`detection.schema`)."""
     if cfg.eval.backend == "faster":
         try:
             import faster_coco_eval  # noqa: F401
         except ImportError:
             raise ConfigError("eval.backend=faster needs faster-coco-eval (pip install faster-coco-eval)") from None
-    scales = list(cfg.data.scale_range)
-    if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
-        raise ConfigError(f"data.scale_range must be 0 < low <= high, got {list(cfg.data.scale_range)}")
-    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
-        raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")
+    check_file("checkpoint", cfg.checkpoint)
+    check_folder("data.root", cfg.data.root, "the COCO 2017 layout")
     try:
         amp = engine.resolve_amp(cfg.amp, env.device)
-        accum = engine.accumulation_steps(o.global_batch, cfg.data.batch_per_gpu, env.world_size)
+        accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return {"accum": accum, "amp": amp}
@@ -73,26 +62,24 @@ def check(cfg: DictConfig, env) -> dict:
 
 def datasets(cfg) -> tuple[CocoInstances, CocoInstances]:
     d = cfg.data
-    try:
-        train = CocoInstances(
-            d.root,
-            "train",
-            train=True,
-            img_size=d.img_size,
-            scale_range=d.scale_range,
-            seed=cfg.seed,
-            skip_corrupt=d.skip_corrupt,
-        )
-        val = CocoInstances(d.root, "val", train=False, img_size=d.img_size)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
+    train = CocoInstances(
+        d.root,
+        "train",
+        train=True,
+        img_size=d.img_size,
+        scale_range=d.scale_range,
+        seed=cfg.seed,
+        skip_corrupt=d.skip_corrupt,
+    )
+    val = CocoInstances(d.root, "val", train=False, img_size=d.img_size, skip_corrupt=d.skip_corrupt)
     if [c["id"] for c in train.categories] != [c["id"] for c in val.categories]:
-        raise ConfigError(f"{d.root}: the train and val annotation files list different categories")
+        raise DataError(f"{d.root}: the train and val annotation files list different categories")
     return train, val
 
 
 class Detection(trainer.Task):
     name, format, unit = "coco", FORMAT, "iter"
+    schema = DetectionConfig
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
@@ -122,8 +109,10 @@ class Detection(trainer.Task):
         )
         self.check_batches(self.train_sampler)
         self.train_loader, self.val_loader = (
-            make_loader(ds, sampler, workers=d.workers, device=self.device, drop_last=False, collate_fn=collate)
-            for ds, sampler in ((self.train_set, self.train_sampler), (self.val_set, val_sampler))
+            make_loader(
+                ds, sampler, workers=d.workers, device=self.device, drop_last=False, collate_fn=collate, split=s
+            )
+            for ds, sampler, s in ((self.train_set, self.train_sampler, "train"), (self.val_set, val_sampler, "val"))
         )
 
     def compile(self, mode):
@@ -145,8 +134,13 @@ class Detection(trainer.Task):
         m = evaluate(self.model, self.val_loader, self.val_set, self.device, self.autocast(), self.cfg.eval.backend)
         flat = {f"{t}_{k}": m[t][k] for t in ("bbox", "segm") for k in STATS}
         flat = {k: v for k, v in flat.items() if v is not None}
-        self.write(f"iteration {step}: box AP {m['bbox']['AP']:.2f}, mask AP {m['segm']['AP']:.2f}")
-        return {**flat, "images": m["images"], "eval_images_per_s": m["images"] / max(time.time() - t0, 1e-9)}
+        skipped = len(self.val_set) - m["images"]  # corrupt ones (data.skip_corrupt)
+        self.write(
+            f"iteration {step}: box AP {m['bbox']['AP']:.2f}, mask AP {m['segm']['AP']:.2f} over {m['images']} val "
+            f"images" + (f" ({skipped} corrupt skipped)" if skipped else "")
+        )
+        rate = m["images"] / max(time.time() - t0, 1e-9)
+        return {**flat, "images": m["images"], "skipped": skipped, "eval_images_per_s": rate}
 
     def meta(self) -> dict:
         categories = [c["name"] for c in self.train_set.categories]

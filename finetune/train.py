@@ -9,7 +9,6 @@ per-step warmup + cosine schedule, top-1/top-5 after every epoch and the best ch
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -19,35 +18,23 @@ from timm.optim import Lars
 
 from core import checkpoint as ckpt
 from core import engine, trainer
-from core.config import ConfigError, to_dict
-from core.data import Augmented, DataError, make_loader, sample_seed, seeded, train_eval_samplers
+from core.config import ConfigError, check_file, check_folder, to_dict
+from core.data import Augmented, make_loader, sample_seed, seeded, train_eval_samplers
 from core.monitor import file_sha256
 from core.optim import adamw, mae_finetune_groups, warmup_cosine
 from finetune.data import base_datasets, eval_transform, train_transform
 from finetune.evaluate import evaluate
 from finetune.model import build_classifier, freeze_for_linprobe, init_head, load_pretrained, read_pretrained
+from finetune.schema import FinetuneConfig
 
 FORMAT = "dbot-suite/finetune/v1"
-TASKS = ("finetune", "linprobe", "transfer")
 
 
 def check(cfg: DictConfig, env) -> dict:
-    """Derived settings, each problem reported with its option before any compute."""
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task must be one of {TASKS}, got {cfg.task!r}")
-    if cfg.optim.name not in ("adamw", "lars"):
-        raise ConfigError(f"optim.name must be adamw or lars, got {cfg.optim.name!r}")
-    if cfg.optim.name == "lars" and cfg.optim.weight_decay:
-        raise ConfigError(
-            f"optim.weight_decay={cfg.optim.weight_decay} with optim.name=lars: timm's LARS folds weight decay "
-            "into the trust ratio differently from MAE's; the MAE linear probe uses 0"
-        )
-    if cfg.optim.skip_decay not in ("standard", "none"):
-        raise ConfigError(f"optim.skip_decay must be standard or none, got {cfg.optim.skip_decay!r}")
-    if cfg.model.global_pool not in ("avg", "token"):
-        raise ConfigError(f"model.global_pool must be avg or token, got {cfg.model.global_pool!r}")
-    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
-        raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")
+    """Derived settings and what needs the environment (processes, device, files), before any compute; the
+    options themselves and the rules between them are checked by the schema (`finetune.schema`)."""
+    check_file("checkpoint", cfg.checkpoint)
+    check_folder("data.root", cfg.data.root)
     try:
         amp = engine.resolve_amp(cfg.amp, env.device)
         accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
@@ -100,6 +87,7 @@ def criterion_and_mixup(cfg: DictConfig, num_classes: int):
 
 class Finetune(trainer.Task):
     format, unit = FORMAT, "epoch"
+    schema = FinetuneConfig
     save_every = eval_every = 1
 
     def __init__(self, cfg, env):
@@ -115,17 +103,15 @@ class Finetune(trainer.Task):
         pretrained = None
         if cfg.checkpoint is not None and state is None:
             pretrained = read_pretrained(cfg.checkpoint, cfg.model.size, cfg.model.img_size)
-        try:
-            train_base, val_base, self.classes = base_datasets(d.kind, d.root, d.skip_corrupt)
-        except DataError as e:
-            raise ConfigError(str(e)) from None
+        train_base, val_base, self.classes = base_datasets(d.kind, d.root)
         num_classes = len(self.classes)
         if d.num_classes is not None and d.num_classes != num_classes:
             raise ConfigError(f"data.num_classes={d.num_classes} but {d.root} has {num_classes} classes")
         model = build_classifier(cfg, num_classes)
         img_size = model.patch_embed.img_size[0]
-        self.train_set = Augmented(train_base, train_transform(cfg, img_size), seed=cfg.seed)
-        self.val_set = Augmented(val_base, eval_transform(cfg, img_size), seed=cfg.seed)
+        skip = d.skip_corrupt
+        self.train_set = Augmented(train_base, train_transform(cfg, img_size), seed=cfg.seed, skip_corrupt=skip)
+        self.val_set = Augmented(val_base, eval_transform(cfg, img_size), seed=cfg.seed, skip_corrupt=skip, train=False)
         self.train_sampler, val_sampler = train_eval_samplers(
             len(self.train_set), len(self.val_set), d.batch_per_gpu, d.eval_batch_per_gpu, env, cfg.seed
         )
@@ -133,7 +119,9 @@ class Finetune(trainer.Task):
         self.train_loader = make_loader(
             self.train_set, self.train_sampler, workers=d.workers, device=self.device, drop_last=True
         )
-        self.val_loader = make_loader(self.val_set, val_sampler, workers=d.workers, device=self.device, drop_last=False)
+        self.val_loader = make_loader(
+            self.val_set, val_sampler, workers=d.workers, device=self.device, drop_last=False, split="val"
+        )
         if pretrained is not None:
             self.report = load_pretrained(model, pretrained, str(cfg.checkpoint), cfg.model.head_init_std)
             del pretrained
@@ -175,9 +163,14 @@ class Finetune(trainer.Task):
         t0 = time.time()
         metrics = evaluate(self.model, self.val_loader, self.device, self.autocast())
         metrics["eval_images_per_s"] = metrics["count"] / max(time.time() - t0, 1e-9)
+        metrics["skipped"] = len(self.val_set) - metrics["count"]  # corrupt ones (data.skip_corrupt)
         epoch = len(self.history)
         self.history.append({"epoch": epoch, **metrics})
-        self.write(f"epoch {epoch}: top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}")
+        skipped = f", {metrics['skipped']} corrupt skipped" if metrics["skipped"] else ""
+        self.write(
+            f"epoch {epoch}: top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f} over {metrics['count']} "
+            f"val images{skipped}"
+        )
         if metrics["top1"] > self.best["top1"]:
             self.best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
             if self.env.is_main:

@@ -15,87 +15,47 @@ from omegaconf import DictConfig
 
 from core import checkpoint as ckpt
 from core import datapath, dist, engine, trainer, weights
-from core.config import ConfigError, to_dict
+from core.config import ConfigError, check_file, check_folder, to_dict
 from core.optim import adamw, mae_pretrain_groups, warmup_cosine
 from core.vit import preset
 from pretrain import dbot, targets
 from pretrain.beit import SymmetricStudent
 from pretrain.masking import BlockMasking, RandomMasking
 from pretrain.model import MaskedStudent
+from pretrain.schema import PretrainConfig
 
 FORMAT = "dbot-suite/pretrain/v1"
 
 
 # ------------------------------------------------------------------------------------------------ plan
 class Plan:
-    """Everything derived from the config, checked before any compute (each error names the option)."""
+    """Everything derived from the config. The options and the rules between them are checked by the schema
+    (`pretrain.schema`) before this is built; here what needs the environment: the number of processes,
+    the device, the files and folders named."""
 
     def __init__(self, cfg: DictConfig, env: dist.DistEnv):
         self.cfg = cfg
-        try:
-            self.stages = dbot.Stages(cfg.stages.epochs)
-        except ValueError as e:
-            raise ConfigError(f"stages.epochs: {e}") from None
+        self.stages = dbot.Stages(cfg.stages.epochs)
         overrides = {k: cfg.model[k] for k in ("img_size", "embed_dim", "num_heads") if cfg.model[k] is not None}
         self.arch = preset(cfg.model.size, **overrides)
         depths = cfg.model.depth_per_stage
-        depths = [self.arch["depth"]] * len(self.stages) if depths is None else [int(d) for d in depths]
-        if len(depths) != len(self.stages):
-            raise ConfigError(
-                f"model.depth_per_stage has {len(depths)} entries but stages.epochs {list(self.stages.boundaries)} "
-                f"defines {len(self.stages)} stages; give one depth per stage"
-            )
-        if any(d < 1 for d in depths):
-            raise ConfigError(f"model.depth_per_stage: student depths must be >= 1, got {depths}")
-        self.depths = depths
-        if not 0.0 < cfg.model.mask_ratio < 1.0:
-            raise ConfigError(f"model.mask_ratio must be in (0, 1), got {cfg.model.mask_ratio}")
-        if cfg.model.kind not in ("mae", "beit"):
-            raise ConfigError(f"model.kind must be mae or beit, got {cfg.model.kind!r}")
-        if cfg.model.masking not in ("random", "block"):
-            raise ConfigError(f"model.masking must be random or block, got {cfg.model.masking!r}")
-        if cfg.model.masking == "block" and cfg.model.kind == "mae":
-            raise ConfigError("model.masking=block needs model.kind=beit (the asymmetric encoder needs equal counts)")
-        try:
-            targets.check_kind(cfg.target.kind)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if cfg.target.kind == "ema" and (cfg.model.kind != "mae" or cfg.model.masking != "random"):
-            raise ConfigError("target.kind=ema (multi-fold teacher) needs model.kind=mae with random masking")
-        self._check_teacher(cfg.teacher)
+        self.depths = [self.arch["depth"]] * len(self.stages) if depths is None else [int(d) for d in depths]
+        t = cfg.teacher
+        self.teacher0_arch = {**self.arch, "depth": self.depths[0]} if t.size is None else preset(t.size)
+        self.teacher0_arch["img_size"] = self.arch["img_size"]
+        if t.checkpoint is None and t.init_depth is not None:
+            self.teacher0_arch["depth"] = int(t.init_depth)
         try:
             self.accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
             self.amp = engine.resolve_amp(cfg.amp, env.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.optim.global_batch / 256
-        if not Path(cfg.data.root).is_dir():
-            raise ConfigError(
-                f"data.root: folder {cfg.data.root} does not exist (expected ImageNet layout "
-                f"<root>/train/<class>/*.jpg)"
-            )
+        check_folder("data.root", cfg.data.root, "ImageNet layout <root>/train/<class>/*.jpg")
         self.train_root = Path(cfg.data.root) / "train"
-
-    def _check_teacher(self, t) -> None:
-        """The stage-0 teacher's architecture: the student's own (overrides included) unless teacher.size names
-        another preset; a random one may be truncated to teacher.init_depth blocks."""
-        own = t.size is None
-        self.teacher0_arch = {**self.arch, "depth": self.depths[0]} if own else preset(t.size)
-        self.teacher0_arch["img_size"] = self.arch["img_size"]
-        if t.checkpoint is None:
-            if t.size not in (None, self.cfg.model.size) and t.seed is None:
-                raise ConfigError("teacher.size differs from model.size: give teacher.checkpoint or teacher.seed")
-            if t.init_depth is not None:
-                if t.init_depth < 0:
-                    raise ConfigError(f"teacher.init_depth must be >= 0, got {t.init_depth}")
-                self.teacher0_arch["depth"] = int(t.init_depth)
-        elif t.init_depth is not None:
-            raise ConfigError("teacher.init_depth applies to a random first teacher, not with teacher.checkpoint")
-        if self.teacher0_arch["patch_size"] != self.arch["patch_size"]:
-            raise ConfigError(
-                f"teacher patch size {self.teacher0_arch['patch_size']} differs from the student's "
-                f"{self.arch['patch_size']}; the teacher must give one token per student patch"
-            )
+        check_file("teacher.checkpoint", t.checkpoint)
+        if cfg.target.kind == "timm":
+            check_file("target.timm.checkpoint", cfg.target.timm.checkpoint)
 
     def student_arch(self, stage: int) -> dict:
         return {**self.arch, "depth": self.depths[stage]}
@@ -199,12 +159,13 @@ def lr_schedule(plan: Plan, batches_per_epoch: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ task
 class Pretrain(trainer.Task):
     name, format, unit = "pretrain", FORMAT, "epoch"
+    schema = PretrainConfig
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
         self.plan = Plan(cfg, env)
         self.accum, self.amp, self.clip_grad = self.plan.accum, self.plan.amp, cfg.optim.clip_grad
-        self.stage_losses, self.skipped = {}, 0
+        self.stage_losses = {}
 
     @property
     def save_every(self):
@@ -244,7 +205,6 @@ class Pretrain(trainer.Task):
 
     def load_state_dict(self, state) -> None:
         self.stage_losses = dict(state.get("stage_losses", {}))
-        self.skipped = int(state.get("skipped", 0)) if self.env.is_main else 0  # the saved count is the total
 
     def train_mode(self) -> None:
         self.student.train()
@@ -254,7 +214,6 @@ class Pretrain(trainer.Task):
         if out is None:
             return None
         images, _, spec = out
-        self.skipped += self.cfg.data.batch_per_gpu - images.shape[0]
         return images, spec
 
     def forward(self, model, images, spec):
@@ -319,13 +278,11 @@ class Pretrain(trainer.Task):
             self.saved(f"stage{self.stage}_teacher", path)
 
     def state_dict(self) -> dict:
-        total = int(dist.all_reduce_sum(torch.tensor(self.skipped, device=self.device)).item())
         return {
             "model": self.student.state_dict(),
             "target": self.target.resume_state(),
             "stage": self.stage,
             "stage_losses": self.stage_losses,
-            "skipped": total,
         }
 
     def meta(self, teacher_file: bool = False) -> dict:
@@ -356,7 +313,6 @@ class Pretrain(trainer.Task):
 
     def results(self, last_eval) -> dict:
         cfg, final = self.cfg, len(self.plan.stages) - 1
-        skipped = int(dist.all_reduce_sum(torch.tensor(self.skipped, device=self.device)).item())
         self.write(f"pretraining done: per-stage final loss {self.stage_losses}")
         return {
             "model": cfg.model.size,
@@ -371,7 +327,6 @@ class Pretrain(trainer.Task):
             "target_kind": cfg.target.kind,
             "bootstrap": bool(cfg.teacher.bootstrap),
             "teacher_seed": cfg.teacher.seed if cfg.teacher.seed is not None else self.plan.stage_seed(0),
-            "skipped_images": skipped,
             "final_student": str(self.out / f"checkpoint-stage{final}-student.pth"),
             "global_batch": cfg.optim.global_batch,
             "lr": self.plan.lr,

@@ -12,29 +12,28 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
 
 from core import checkpoint as ckpt
 from core import dist, engine, trainer
-from core.config import ConfigError
+from core.config import ConfigError, check_file, check_folder
 from core.data import DataError, ShardedSampler, eval_sampler, make_loader
 from core.monitor import file_sha256
 from core.optim import adamw, mmseg_groups, warmup_poly
-from core.vit import preset
 from segmentation.data import ADE20K, TrainPipeline, check_labels, class_names
 from segmentation.evaluate import class_table, evaluate
 from segmentation.model import build_segmentor, load_pretrained
+from segmentation.schema import SegmentationConfig
 
 FORMAT = "dbot-suite/segmentation/v1"
 
 
 def check(cfg: DictConfig, env) -> dict:
-    """Derived settings; each problem is reported with its option before any compute."""
+    """Derived settings and what needs the environment (processes, device, files), before any compute; the
+    options themselves and the rules between them are checked by the schema (`segmentation.schema`)."""
     accum = 1
     if not cfg.eval_only:
         try:
@@ -46,18 +45,9 @@ def check(cfg: DictConfig, env) -> dict:
             "data.batch_per_gpu=1 needs BatchNorm synchronised across several GPUs: the pyramid pooling's 1 x 1 "
             "branch has a single value per channel otherwise"
         )
-    if cfg.model.img_size != cfg.data.crop:
-        raise ConfigError(f"model.img_size={cfg.model.img_size} must equal data.crop={cfg.data.crop}")
-    patch = preset(cfg.model.size)["patch_size"]
-    if cfg.data.crop % patch or cfg.data.crop // patch % 2:
-        raise ConfigError(f"data.crop={cfg.data.crop} must be an even multiple of the patch size {patch}")
-    if not 0 < cfg.eval.stride <= cfg.data.crop:
-        raise ConfigError(f"eval.stride={cfg.eval.stride} must be in (0, data.crop={cfg.data.crop}]")
     for key in ("checkpoint", "weights"):
-        if cfg[key] is not None and not Path(cfg[key]).is_file():
-            raise ConfigError(f"{key}: {cfg[key]} does not exist")
-    if cfg.eval_only and cfg.weights is None:
-        raise ConfigError("eval_only=true needs weights=<a checkpoint of this task>")
+        check_file(key, cfg[key])
+    check_folder("data.root", cfg.data.root, "the ADEChallengeData2016 layout")
     try:
         amp = engine.resolve_amp(cfg.amp, env.device)
     except ValueError as e:
@@ -80,6 +70,7 @@ def sync_buffers(model: nn.Module) -> None:
 
 class Segmentation(trainer.Task):
     name, format, unit = "ade20k", FORMAT, "iter"
+    schema = SegmentationConfig
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
@@ -104,17 +95,19 @@ class Segmentation(trainer.Task):
         if d.check_labels and state is None:
             pairs = (self.train_set.pairs if self.train_set is not None else []) + self.val_set.pairs
             found = dist.all_gather_object(
-                check_labels(pairs, n, self.env.rank, self.env.world_size, max(d.workers, 1))
+                check_labels(pairs, n, self.env.rank, self.env.world_size, max(d.workers, 1), d.skip_corrupt)
             )
             problems = [p for rank_problems in found for p in rank_problems]
             if problems:
                 raise DataError(f"{len(problems)} bad label map(s): " + "; ".join(problems[:5]))
-        self.val_loader = DataLoader(
+        self.val_loader = make_loader(
             self.val_set,
-            batch_size=None,
-            sampler=eval_sampler(len(self.val_set), 1, self.env),
-            num_workers=cfg.eval.workers,
-            pin_memory=self.device.type == "cuda",
+            eval_sampler(len(self.val_set), 1, self.env),
+            workers=cfg.eval.workers,
+            device=self.device,
+            drop_last=False,
+            split="val",
+            batched=False,
         )
         try:
             model = build_segmentor(cfg.model, n)

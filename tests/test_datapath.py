@@ -11,7 +11,7 @@ from torchvision import transforms
 
 from core import datapath as dp
 from core.config import ConfigError
-from core.data import CorruptImageError, ImageFolder, sample_seed, seeded
+from core.data import CorruptImageError, ImageFolder, Skipped, sample_seed, seeded
 from core.dist import DistEnv
 from tools.datasets import make_jpegs
 
@@ -185,14 +185,18 @@ def test_corrupt_files_are_named_or_skipped(tmp_path, photos):
     batch = [enc[i] for i in range(len(enc))]
     with pytest.raises(CorruptImageError, match="9_truncated.jpg"):
         dp.DeviceAugment(aug)(batch, CPU)
-    images, labels, _ = dp.DeviceAugment(aug, skip_corrupt=True)(batch, CPU)
+    device_augment = dp.DeviceAugment(aug, skip_corrupt=True)
+    images, labels, _ = device_augment(batch, CPU)
     assert images.shape[0] == 3 and labels.tolist() == [0, 0, 0]
+    assert [p for p, _ in device_augment.skipped] == [str(root / "a" / "9_truncated.jpg")]
     assert dp.DeviceAugment(aug, skip_corrupt=True)(batch[3:], CPU) is None  # nothing left of the batch
     (root / "a" / "8_garbage.jpg").write_bytes(b"not an image at all")
     enc = dp.EncodedFolder(root, aug)
     with pytest.raises(CorruptImageError, match="8_garbage.jpg"):
         enc[3]
-    assert dp.EncodedFolder(root, aug, skip_corrupt=True)[3] is None
+    item = dp.EncodedFolder(root, aug, skip_corrupt=True)[3]  # training: the next readable file, named
+    assert isinstance(item, Skipped) and item.files[0][0] == str(root / "a" / "8_garbage.jpg")
+    assert item.sample.path == str(root / "a" / "9_truncated.jpg")
 
 
 def test_bad_backend_options_are_config_errors(tiny_imagenet):

@@ -18,7 +18,7 @@ from timm.models.vision_transformer_sam import Block, get_decomposed_rel_pos_bia
 
 from core import checkpoint as ckpt
 from core.config import ConfigError, load_config, save_config
-from core.data import CorruptImageError, DataError
+from core.data import CorruptImageError, DataError, Skipped
 from core.optim import warmup_step
 from core.vit import build_vit
 from detection.backbone import ViTDetBackbone, abs_pos
@@ -444,29 +444,29 @@ def edit_json(root, split, fn):
 def test_missing_and_malformed_annotation_files(tiny_coco, tmp_path):
     root = copy_coco(tiny_coco, tmp_path / "c")
     (root / "annotations" / "instances_val2017.json").unlink()
-    with pytest.raises(ConfigError, match="instances_val2017.json: annotation file does not exist"):
+    with pytest.raises(DataError, match="instances_val2017.json: annotation file does not exist"):
         run(detection_config(root, tmp_path / "o"))
     (root / "annotations" / "instances_val2017.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="instances_val2017.json: not valid JSON"):
+    with pytest.raises(DataError, match="instances_val2017.json: not valid JSON"):
         run(detection_config(root, tmp_path / "o"))
     edit_json(root, "train", lambda d: d["annotations"][0].pop("bbox"))
-    with pytest.raises(ConfigError, match=r"instances_train2017.json: annotations\[0\] has no 'bbox'"):
+    with pytest.raises(DataError, match=r"instances_train2017.json: annotations\[0\] has no 'bbox'"):
         run(detection_config(root, tmp_path / "o"))
     root = copy_coco(tiny_coco, tmp_path / "c2")
     edit_json(root, "train", lambda d: d.pop("categories"))
-    with pytest.raises(ConfigError, match="instances_train2017.json: field 'categories' is missing"):
+    with pytest.raises(DataError, match="instances_train2017.json: field 'categories' is missing"):
         run(detection_config(root, tmp_path / "o"))
 
 
 def test_annotations_referring_to_missing_images(tiny_coco, tmp_path):
     root = copy_coco(tiny_coco, tmp_path / "c")
     edit_json(root, "train", lambda d: d["annotations"][0].update(image_id=999999))
-    with pytest.raises(ConfigError, match="'image_id' 999999, which is not in 'images'"):
+    with pytest.raises(DataError, match="'image_id' 999999, which is not in 'images'"):
         run(detection_config(root, tmp_path / "o"))
     edit_json(root, "train", lambda d: d["annotations"][0].update(image_id=d["images"][0]["id"]))
     name = json.loads((root / "annotations" / "instances_train2017.json").read_text())["images"][1]["file_name"]
     (root / "train2017" / name).unlink()
-    with pytest.raises(ConfigError, match=f"1 image\\(s\\) listed in 'images' are missing .*{name}"):
+    with pytest.raises(DataError, match=f"1 image\\(s\\) listed in 'images' are missing .*{name}"):
         run(detection_config(root, tmp_path / "o"))
 
 
@@ -497,9 +497,12 @@ def test_undecodable_image_is_named_or_skipped(tiny_coco, tmp_path):
     with pytest.raises(CorruptImageError, match=ds.images[0]["file_name"]):
         ds[0]
     skipping = CocoInstances(root, "train", train=True, img_size=32, skip_corrupt=True)
-    with pytest.warns(UserWarning, match=ds.images[0]["file_name"]):
-        x, _, meta = skipping[0]
+    item = skipping[0]  # training: replaced by the next image, the corrupt one named
+    assert isinstance(item, Skipped) and item.files[0][0] == str(root / "train2017" / ds.images[0]["file_name"])
+    x, _, meta = item.sample
     assert meta["image_id"] == ds.images[1]["id"]
+    val = CocoInstances(root, "train", train=False, img_size=32, skip_corrupt=True)  # evaluation: left out
+    assert val[0].sample is None and val[0].files == item.files
 
 
 def test_image_whose_size_disagrees_with_the_annotations_is_named(tiny_coco, tmp_path):

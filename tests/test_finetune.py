@@ -206,13 +206,14 @@ def test_val_classes_differing_from_train(tiny_imagenet, tmp_path):
     root = tmp_path / "d"
     shutil.copytree(tiny_imagenet, root)
     (root / "val" / "square").rename(root / "val" / "squares")
-    with pytest.raises(ConfigError, match="train and val class folders differ.*only in val: \\['squares'\\]"):
+    with pytest.raises(DataError, match="train and val class folders differ.*only in val: \\['squares'\\]"):
         run(finetune_config(root, tmp_path / "o"))
 
 
 def test_wrong_model_size_fails_before_the_data_is_read(tiny_pretrained, tmp_path):
-    # the data folder does not even exist: the checkpoint is checked first
-    cfg = finetune_config(tmp_path / "absent", tmp_path / "o", f"checkpoint={tiny_pretrained}", "model.size=small")
+    # the data folder holds no dataset: the checkpoint is checked before the data is listed
+    (tmp_path / "empty").mkdir()
+    cfg = finetune_config(tmp_path / "empty", tmp_path / "o", f"checkpoint={tiny_pretrained}", "model.size=small")
     with pytest.raises(ckpt.CheckpointError, match="does not fit a ViT-small \\(the weights look like ViT-tiny\\)"):
         run(cfg)
 
@@ -243,7 +244,7 @@ def test_inat_category_ids_out_of_range_are_named(tmp_path):
 
 
 def test_unknown_dataset_kind(tiny_imagenet, tmp_path):
-    with pytest.raises(ConfigError, match="unknown dataset 'mnist'"):
+    with pytest.raises(ConfigError, match="data.kind='mnist': expected one of imagenet, folder, cifar10"):
         run(finetune_config(tiny_imagenet, tmp_path / "o", "data.kind=mnist"))
-    with pytest.raises(ConfigError, match="does not hold the cifar100 release"):
+    with pytest.raises(DataError, match="does not hold the cifar100 release"):
         run(finetune_config(tiny_imagenet, tmp_path / "o", "data.kind=cifar100"))

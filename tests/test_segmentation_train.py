@@ -115,7 +115,7 @@ def test_config_errors_name_the_option(tiny_ade20k, tmp_path):
         run(segmentation_config(tiny_ade20k, tmp_path / "o", "optim.global_batch=6"))
     with pytest.raises(ConfigError, match="data.batch_per_gpu=1 needs BatchNorm synchronised"):
         run(segmentation_config(tiny_ade20k, tmp_path / "o", "data.batch_per_gpu=1"))
-    with pytest.raises(ConfigError, match="checkpoint: .*nope.pth does not exist"):
+    with pytest.raises(ConfigError, match="checkpoint=.*nope.pth: no such file"):
         run(segmentation_config(tiny_ade20k, tmp_path / "o", f"checkpoint={tmp_path / 'nope.pth'}"))
 
 

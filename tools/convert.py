@@ -34,12 +34,16 @@ dropped, missing, unexpected and reshaped, and a tensor that cannot be adapted i
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from core import checkpoint as ckpt
+from core import errors
+from core.config import ConfigError, positive_int
+from core.vit import PRESETS
 from core.weights import HEAD_PREFIXES, BackboneInfo, arch_of, fit_to_model, guess_size, read_backbone
 
 # ------------------------------------------------------------------------------------------------ writers
@@ -444,6 +448,10 @@ def convert(
             "give --model to resize them"
         )
     report = None
+    if size is not None and img_size is not None and img_size % (patch_size or PRESETS[size]["patch_size"]):
+        raise ConfigError(
+            f"--img-size {img_size} is not a multiple of the patch size {patch_size or PRESETS[size]['patch_size']}"
+        )
     if size is not None:
         head = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIXES)}
         body = {k: v for k, v in sd.items() if k not in head}
@@ -468,27 +476,24 @@ def main(argv=None) -> None:
         choices=LAYOUTS,
         help="layout to write (mmseg: mmseg's MAE backbone, as its MAE UperNet config; mmseg-vit: VisionTransformer)",
     )
+    p.add_argument("--model", default=None, choices=sorted(PRESETS), help="check against this size; default: guessed")
     p.add_argument(
-        "--model", default=None, help="check against this size (tiny/small/base/large/huge); default: guessed"
+        "--img-size", type=positive_int, default=None, help="resize the position embedding for this resolution"
     )
-    p.add_argument("--img-size", type=int, default=None, help="resize the position embedding for this resolution")
-    p.add_argument("--patch-size", type=int, default=None, help="resize the patch kernel (ViTDet's ViT-H: 16)")
+    p.add_argument("--patch-size", type=positive_int, default=None, help="resize the patch kernel (ViTDet's ViT-H: 16)")
     p.add_argument("--key", default=None, help="entry of the container to read (e.g. teacher)")
     p.add_argument("--keep-head", action="store_true", help="keep head/fc_norm of fine-tuned checkpoints")
     a = p.parse_args(argv)
-    try:
-        done = convert(
-            a.src,
-            a.dst,
-            a.to,
-            model=a.model,
-            img_size=a.img_size,
-            patch_size=a.patch_size,
-            key=a.key,
-            keep_head=a.keep_head,
-        )
-    except ckpt.CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    done = convert(
+        a.src,
+        a.dst,
+        a.to,
+        model=a.model,
+        img_size=a.img_size,
+        patch_size=a.patch_size,
+        key=a.key,
+        keep_head=a.keep_head,
+    )
     info = done.info
     print(
         f"read {a.src} ({info.layout}); dropped {len(info.dropped)} pretraining/head tensors"
@@ -504,4 +509,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.main(main))
