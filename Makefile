@@ -39,7 +39,7 @@ TINY_CKPT     := $(RUNS)/pretrain-tiny/checkpoint-stage1-student.pth
 START_CKPT    = $(if $(CKPT),$(CKPT),$(TINY_CKPT))
 CKPT_DEPS     = $(if $(CKPT),,$(TINY_CKPT))
 
-.PHONY: help venv demo pretrain finetune coco ade20k convert table analysis study study-wider test test-all lint format bench clean
+.PHONY: help venv demo pretrain finetune coco ade20k convert table analysis study study-wider test test-all lint format bench gpu-check clean
 
 help: ## this list
 	@echo "dBOT transfer suite"
@@ -56,7 +56,8 @@ help: ## this list
 	@echo "  NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)  multi-node rendezvous"
 	@echo "  BENCH=$(BENCH)  make bench: which throughput benchmarks to run"
 	@echo "  ARGS=           extra key=value config overrides, e.g. ARGS='optim.blr=1e-4 log.every=50'"
-	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmdet mmseg mmpretrain backbone) and output file"
+	@echo "                  (each checked; a bad one is one line 'error: ...'; ARGS=--debug or DBOT_DEBUG=1: traceback)"
+	@echo "  TO=$(TO) OUT=   convert: layout (timm detectron2 mmdet mmseg mmseg-vit mmpretrain backbone) and output file"
 	@echo "  LABELS=         table: YAML naming the rows of checkpoints not made here (see README)"
 	@echo "  SCALE=$(SCALE)      study: cpu (tiny ViT, 2 cores, <= 30 min) or gpu (ViT-S/8 at 64 px, one GPU)"
 	@echo "  PYTHON=$(PYTHON) interpreter used to create $(VENV)"
@@ -64,7 +65,7 @@ help: ## this list
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,interop]' --config-settings editable_mode=compat
 	@touch $@
 
 venv: $(VENV)/.installed ## create/refresh the virtual environment in .venv
@@ -87,13 +88,16 @@ $(TINY)/ade20k/.done: tools/datasets.py | $(VENV)/.installed
 $(TINY_CKPT): | $(VENV)/.installed
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 
-demo: venv ## the whole tiny chain on CPU: pretrain -> convert -> finetune -> coco -> ade20k -> table
+demo: venv ## the whole tiny chain on CPU: pretrain -> convert -> finetune (and from random init) -> coco -> ade20k -> table
 	$(MAKE) --no-print-directory pretrain MODEL=tiny DATA= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory convert MODEL=tiny CKPT= TO=timm OUT=$(RUNS)/pretrain-tiny/vit_tiny_dbot_timm.pth
 	$(MAKE) --no-print-directory finetune MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
+	$(MAKE) --no-print-directory finetune MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 \
+		ARGS='checkpoint=null out=$(RUNS)/finetune-tiny-random'
 	$(MAKE) --no-print-directory coco MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory ade20k MODEL=tiny DATA= CKPT= NGPUS=1 NNODES=1 ARGS=
 	$(MAKE) --no-print-directory table RUNS=$(RUNS) ARGS=
+	@$(PY) -m tools.compare $(RUNS)/finetune-tiny $(RUNS)/finetune-tiny-random
 
 pretrain: venv $(TINY_DEPS) ## dBOT pretraining (tiny data by default; DATA=imagenet MODEL=base NGPUS=8 ...)
 	$(LAUNCH) pretrain -c $(MODEL) data.root=$(PRETRAIN_DATA) out=$(RUNS)/pretrain-$(MODEL) $(ARGS)
@@ -108,7 +112,7 @@ ade20k: venv $(if $(DATA),,$(TINY)/ade20k/.done) $(CKPT_DEPS) ## ADE20K UperNet 
 	$(LAUNCH) segmentation -c $(MODEL) data.root=$(if $(DATA),$(DATA),$(TINY)/ade20k) checkpoint=$(START_CKPT) \
 		out=$(RUNS)/ade20k-$(MODEL) $(ARGS)
 
-convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmdet|mmseg|mmpretrain|backbone [OUT=...]
+convert: venv ## convert CKPT for another codebase: make convert CKPT=... TO=timm|detectron2|mmdet|mmseg|mmseg-vit|mmpretrain|backbone [OUT=...]
 	$(PY) -m tools.convert $(START_CKPT) $(if $(OUT),$(OUT),$(basename $(START_CKPT))-$(TO).pth) --to $(TO) $(if $(filter-out tiny,$(MODEL)),--model $(MODEL),)
 
 table: venv ## results table from every results.json under RUNS (Markdown printed; LaTeX, CSV, PNG in RUNS/table)
@@ -126,27 +130,32 @@ study: venv ## does dBOT learn? claims (a)-(c) on generated data -> RUNS/study-S
 study-wider: venv ## claim (d): a wider dBOT teacher vs a same-size one, same study -> RUNS/study-SCALE/wider.{md,json}
 	$(PY) -m tools.study wider --scale $(SCALE) --out $(RUNS)/study-$(SCALE) $(if $(filter gpu,$(SCALE)),--device cuda --data-workers 16,) $(ARGS)
 
-test: venv ## lint + the fast test suite (includes one tiny end-to-end run)
+test: venv ## lint + import layers + the fast test suite (includes one tiny end-to-end run)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: venv ## every test, the slow end-to-end ones too
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: venv ## ruff check + format check
+lint: venv ## ruff check + format check + import layers (core <- tasks <- tools, pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: venv ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 bench: venv ## throughput of MODEL (tiny, CPU by default) for each task in BENCH; ARGS go to each; see docs/BENCHMARKS.md
-	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain --model $(MODEL) $(ARGS))
-	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench --model $(MODEL) $(ARGS))
+	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain -c $(MODEL) $(ARGS))
+	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench -c $(MODEL) $(ARGS))
 	$(if $(filter coco,$(BENCH)),$(PY) -m detection.bench -c $(MODEL) $(ARGS))
-	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench --recipe $(MODEL) $(ARGS))
+	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench -c $(MODEL) $(ARGS))
+
+gpu-check: venv ## the prepared GPU check (~8 min on a GPU; ARGS='--dry-run' anywhere): RUNS/gpu-check/gpu_check.{json,md}
+	$(PY) -m tools.gpu_check --out $(RUNS)/gpu-check $(ARGS)
 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf $(TINY) $(RUNS)

@@ -14,7 +14,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,19 +27,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.errors import CheckpointError, one_line
+
 # Non-tensor types found in published checkpoints that are safe to rebuild.
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit; the message names the file and the key."""
-
-
 def save(obj, path: str | os.PathLike) -> Path:
-    """torch.save `obj` to `path` atomically."""
+    """torch.save `obj` to `path` atomically. A write that fails (a full disk, a folder without write
+    permission) is a CheckpointError naming the path and the cause, and leaves no temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CheckpointError(f"{path}: cannot write the checkpoint: {path.parent} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write the checkpoint: {_cause(e)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -43,9 +51,12 @@ def save(obj, path: str | os.PathLike) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        cause = _os_error(e)
+        if cause is not None:  # torch reports a failed write as "unexpected pos ..." with the OSError as context
+            raise CheckpointError(f"{path}: cannot write the checkpoint: {_cause(cause)}") from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -55,33 +66,120 @@ def save(obj, path: str | os.PathLike) -> Path:
     return path
 
 
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind `e` (itself, or along its cause / context chain), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _cause(e: OSError) -> str:
+    what = e.strerror or str(e)
+    hint = {
+        errno.ENOSPC: "the disk is full: free space or write elsewhere (out=...)",
+        errno.EDQUOT: "the disk quota is exhausted: free space or write elsewhere (out=...)",
+        errno.EACCES: "no permission to write there: choose another folder (out=...)",
+        errno.EPERM: "no permission to write there: choose another folder (out=...)",
+        errno.EROFS: "the file system is read-only: choose another folder (out=...)",
+        errno.EFBIG: "the file exceeds the size limit of the file system or the process",
+    }.get(e.errno)
+    name = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+    return f"{what}" + (f" [{name}]" if name else "") + (f"; {hint}" if hint else "")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `save` leaves when a process is killed mid-write (`.<name>.*.tmp`; at ViT-L
+    scale each is gigabytes). Call at the start of a run, before it writes checkpoints of its own."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for tmp in folder.glob(".checkpoint*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def load(path: str | os.PathLike, map_location="cpu"):
-    """Read a `.pth`/`.pt`/`.bin`/`.safetensors` file without executing pickled code."""
+NOT_A_CHECKPOINT = "expected a file written by torch.save (.pth/.pt/.bin) or a .safetensors file"
+
+
+def sniff(path: str | os.PathLike) -> tuple[str | None, str]:
+    """(format, description) of a file from its first bytes: "torch" (torch.save's zip), "torch-legacy"
+    (torch.save's pickle format), "safetensors", or None with what the file looks like instead."""
     path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if size == 0:
+        return None, "an empty file (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        return "torch", "a torch.save zip file"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "torch-legacy", "a pickle file"
+    if len(head) > 8 and 0 < int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{":
+        return "safetensors", "a safetensors file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, f"{size} bytes of an unknown format, starting with {head[:8].hex(' ')}"
+    shown = " ".join(text.split())[:40]
+    return None, f"a text file ({size} bytes, starting with {shown!r})"
+
+
+def load(path: str | os.PathLike, map_location="cpu"):
+    """Read a torch.save file (`.pth`/`.pt`/`.bin`, any name) or a safetensors file without executing pickled
+    code; the format is told by the file's first bytes. Anything else (an empty file, a text file) is a
+    CheckpointError saying it is not a checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint; {NOT_A_CHECKPOINT}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+    try:
+        kind, what = sniff(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if kind is None:
+        raise CheckpointError(f"{path}: not a checkpoint: {what}; {NOT_A_CHECKPOINT}")
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device=str(map_location))
         except Exception as e:  # noqa: BLE001 - any decode failure is reported with the path
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+            raise CheckpointError(f"{path}: a damaged or truncated safetensors file ({one_line(e)})") from None
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None and "weights only" not in str(e).lower():
+            raise CheckpointError(f"{path}: {what} that cannot be unpickled ({_first_sentence(e)})") from None
+        objects = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "Only tensors, plain containers and argparse.Namespace are accepted; re-save the weights "
-            "(e.g. as safetensors) if the file holds other objects."
+            f"{path}: holds objects that cannot be loaded with weights_only=True{objects}. Only tensors, plain "
+            "containers and argparse.Namespace are accepted; re-save the weights (e.g. as safetensors) if the "
+            "file holds other objects."
         ) from None
+    except Exception as e:  # noqa: BLE001 - a damaged zip, a truncated pickle, ...
+        raise CheckpointError(
+            f"{path}: {what} that is damaged or truncated ({type(e).__name__}: {_first_sentence(e)})"
+        ) from None
+
+
+def _first_sentence(e: BaseException) -> str:
+    text = one_line(e)
+    return (text.split(". ")[0] if ". " in text else text)[:200] or "no detail"
 
 
 def resume_path(out_dir: str | os.PathLike, resume: str | None) -> Path | None:
@@ -102,7 +200,7 @@ def resume_path(out_dir: str | os.PathLike, resume: str | None) -> Path | None:
 # not what is computed (a prefix ending in "." covers a whole section).
 RESUME_FREE = (
     "out", "resume", "device", "amp", "compile", "max_epochs", "max_iters", "checkpoint", "log.", "eval.",
-    "data.root", "data.workers", "data.skip_corrupt", "data.eval_batch_per_gpu",
+    "data.root", "data.workers", "data.skip_corrupt", "data.eval_batch_per_gpu", "model.grad_checkpointing",
 )  # fmt: skip
 
 

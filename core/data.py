@@ -1,7 +1,13 @@
 """Data plumbing shared by every task.
 
-- `ImageFolder`: the ImageNet folder layout (`root/<class>/*.jpg`), validated up front (missing folder,
-  class folder without images) and with corrupt images reported by path, or skipped and counted.
+- `ImageFolder`: the ImageNet folder layout (`root/<class>/*.jpg`, extensions in any case), validated up
+  front (missing folder, class folder without images) and with corrupt images reported by path.
+- Corrupt images, one rule for every task and split: without `data.skip_corrupt` an undecodable file stops
+  the run with a `CorruptImageError` naming it; with it, the sample is skipped: in training it is replaced
+  by the next decodable image of the split (wrapping around; the batch keeps its size), in evaluation it is
+  left out (the metrics say how many images they were computed on). A dataset returns `Skipped` for it;
+  the loader `make_loader` builds drops the marker, and its `corrupt` record holds each file once with the
+  reason (the engine names each file once in the log and lists them in results.json).
 - Reproducible randomness: every random choice made for sample `i` in epoch `e` (augmentation, the mask
   noise) is drawn from a generator seeded by `(seed, e, i)`. The sampler hands `(epoch, index)` keys to
   the dataset, so results do not depend on the number of loader workers or processes, and a resumed run
@@ -16,6 +22,7 @@ import contextlib
 import os
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +30,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
+from core.errors import CorruptImageError, DataError, one_line
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # any case
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """Bad dataset input; the message names the file or folder and what was expected."""
-
-
-class CorruptImageError(DataError):
-    pass
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -57,13 +58,103 @@ def seeded(seed: int):
             np.random.set_state(np_state)
 
 
+def is_image_file(name: str | os.PathLike) -> bool:
+    """An image by its extension, in any case (`.JPEG`, `.jpg`, `.Png`)."""
+    return str(name).lower().endswith(IMG_EXTENSIONS)
+
+
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode an image fully (so truncated files fail here) as RGB; CorruptImageError names the file."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+        raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})", path) from None
+
+
+# ---------------------------------------------------------------------------------------- corrupt images
+@dataclass(frozen=True)
+class Skipped:
+    """A sample whose file(s) could not be decoded, under `skip_corrupt`: `files` = ((path, reason), ...),
+    `sample` = the replacement (training) or None (evaluation: left out)."""
+
+    files: tuple[tuple[str, str], ...]
+    sample: object = None
+
+
+def decode_skipping(load: Callable[[int], object], index: int, n: int, *, skip: bool, replace: bool):
+    """`(load(index), files)`. Without `skip` a CorruptImageError propagates. With it, the files that failed
+    are returned as `((path, reason), ...)` and: `replace` (training) tries index + 1, index + 2, ... (wrapping)
+    until an item decodes; otherwise (evaluation) the item is None."""
+    files = []
+    for k in range(n if replace else 1):
+        try:
+            return load((index + k) % n), tuple(files)
+        except CorruptImageError as e:
+            if not skip:
+                raise
+            files.append((e.path or str(e), one_line(e)))
+    if replace:
+        raise DataError(f"data.skip_corrupt: none of the {n} images of the split can be decoded (e.g. {files[0][0]})")
+    return None, tuple(files)
+
+
+def with_skipped(sample, files: tuple):
+    """`sample`, or `Skipped(files, sample)` when files were skipped to get it (None: left out)."""
+    return Skipped(files, sample) if files or sample is None else sample
+
+
+class SkipCollate:
+    """Collate a batch of samples and `Skipped` markers: `(collate(kept samples) or None, ((path, reason), ...))`.
+    `batched=False` (a loader with batch_size=None): one sample at a time, kept as it is."""
+
+    def __init__(self, collate: Callable = default_collate, batched: bool = True):
+        self.collate, self.batched = collate, batched
+
+    def __call__(self, batch):
+        samples = batch if self.batched else [batch]
+        files, kept = [], []
+        for b in samples:
+            if isinstance(b, Skipped):
+                files.extend(b.files)
+                b = b.sample
+            if b is not None:
+                kept.append(b)
+        if not kept:
+            return None, tuple(files)
+        return (self.collate(kept) if self.batched else kept[0]), tuple(files)
+
+
+class Loader:
+    """A DataLoader whose batches arrive without the markers of skipped corrupt samples (a batch of which
+    nothing is left is None). `corrupt`: path -> reason for every file this process skipped, each once;
+    `on_skip(split, path, reason)` is called the first time a file is skipped."""
+
+    def __init__(self, loader, split: str = "train"):
+        self.loader, self.split = loader, split
+        self.corrupt: dict[str, str] = {}
+        self.on_skip: Callable[[str, str, str], None] | None = None
+
+    def __iter__(self):
+        for batch, files in self.loader:
+            for path, reason in files:
+                self.skip(path, reason)
+            yield batch
+
+    def skip(self, path: str, reason: str) -> None:
+        """Record a skipped file (also for one dropped after the loader, e.g. decoded on the device)."""
+        if path not in self.corrupt:
+            self.corrupt[path] = reason
+            if self.on_skip is not None:
+                self.on_skip(self.split, path, reason)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):  # dataset, sampler, batch_size, ... of the DataLoader
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
 
 def list_image_folder(root: str | os.PathLike, what: str = "data") -> tuple[list[str], list[tuple[str, int]]]:
@@ -76,9 +167,11 @@ def list_image_folder(root: str | os.PathLike, what: str = "data") -> tuple[list
         raise DataError(f"{what}: {root} has no class sub-folders (expected {root}/<class>/<image>.jpg)")
     samples = []
     for ci, c in enumerate(classes):
-        files = sorted(e.path for e in os.scandir(root / c) if e.is_file() and e.name.endswith(IMG_EXTENSIONS))
+        files = sorted(e.path for e in os.scandir(root / c) if e.is_file() and is_image_file(e.name))
         if not files:
-            raise DataError(f"{what}: class folder {root / c} holds no images ({', '.join(IMG_EXTENSIONS)})")
+            raise DataError(
+                f"{what}: class folder {root / c} holds no images ({', '.join(IMG_EXTENSIONS)}, in any case)"
+            )
         samples.extend((f, ci) for f in files)
     return classes, samples
 
@@ -88,8 +181,8 @@ class ImageFolder(Dataset):
 
     dataset[(epoch, i)] (or dataset[i] for epoch 0) returns `(image, label)`, or
     `(image, label, extra)` when `extra` is given: a function called in the same seeded context after the
-    transform (pretraining draws the mask noise there). With `skip_corrupt` an undecodable file gives
-    None (dropped by `collate_skip`, counted by the caller) instead of an error.
+    transform (pretraining draws the mask noise there). With `skip_corrupt` an undecodable file is skipped
+    (`Skipped`): replaced by the next decodable image when `train`, left out otherwise.
     """
 
     def __init__(
@@ -99,6 +192,7 @@ class ImageFolder(Dataset):
         *,
         seed: int = 0,
         skip_corrupt: bool = False,
+        train: bool = True,
         extra: Callable[[], torch.Tensor] | None = None,
         what: str = "data",
     ):
@@ -106,7 +200,7 @@ class ImageFolder(Dataset):
         self.classes, self.samples = list_image_folder(root, what)
         self.transform = transform
         self.seed = seed
-        self.skip_corrupt = skip_corrupt
+        self.skip_corrupt, self.train = skip_corrupt, train
         self.extra = extra
 
     def __len__(self) -> int:
@@ -116,16 +210,19 @@ class ImageFolder(Dataset):
     def targets(self) -> list[int]:
         return [c for _, c in self.samples]
 
+    def decode(self, index: int):
+        path, label = self.samples[index]
+        return open_rgb(path), label
+
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[index]
-        try:
-            img = open_rgb(path)
-        except CorruptImageError:
-            if self.skip_corrupt:
-                return None
-            raise
-        return augment(img, label, self.transform, self.extra, sample_seed(self.seed, epoch, index))
+        item, files = decode_skipping(self.decode, index, len(self), skip=self.skip_corrupt, replace=self.train)
+        if item is None:
+            return Skipped(files)
+        img, label = item
+        return with_skipped(
+            augment(img, label, self.transform, self.extra, sample_seed(self.seed, epoch, index)), files
+        )
 
 
 def augment(img, label, transform, extra, seed: int):
@@ -139,25 +236,53 @@ def augment(img, label, transform, extra, seed: int):
 
 class Augmented(Dataset):
     """Any dataset of `(PIL image, label)` (torchvision's CIFAR, Flowers-102, ...) with the same reproducible
-    per-sample augmentation as `ImageFolder`: keys `(epoch, index)` or `index`."""
+    per-sample augmentation as `ImageFolder`: keys `(epoch, index)` or `index`. A file the base dataset cannot
+    decode is a CorruptImageError, or with `skip_corrupt` skipped as `ImageFolder` skips it (`train`:
+    replaced by the next decodable one; otherwise left out)."""
 
-    def __init__(self, base, transform, *, seed: int = 0, extra: Callable[[], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        base,
+        transform,
+        *,
+        seed: int = 0,
+        extra: Callable[[], torch.Tensor] | None = None,
+        skip_corrupt: bool = False,
+        train: bool = True,
+    ):
         self.base, self.transform, self.seed, self.extra = base, transform, seed, extra
+        self.skip_corrupt, self.train = skip_corrupt, train
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def decode(self, index: int):
+        try:
+            item = self.base[index]
+        except CorruptImageError:
+            raise
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # torchvision's datasets decode with PIL
+            name = f"{type(self.base).__name__}[{index}]"
+            raise CorruptImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})", name) from None
+        if isinstance(item, Skipped):  # a base that skips by itself
+            raise CorruptImageError(item.files[0][1], item.files[0][0])
+        return item[:2]
+
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        item = self.base[index]
-        if item is None:  # a corrupt image skipped by the base dataset
-            return None
-        img, label = item[:2]
-        return augment(img, label, self.transform, self.extra, sample_seed(self.seed, epoch, index))
+        item, files = decode_skipping(self.decode, index, len(self), skip=self.skip_corrupt, replace=self.train)
+        if item is None:
+            return Skipped(files)
+        img, label = item
+        return with_skipped(
+            augment(img, label, self.transform, self.extra, sample_seed(self.seed, epoch, index)), files
+        )
 
 
 def collate_skip(batch):
-    """default_collate after dropping the None entries of skipped corrupt samples (None if all were)."""
+    """default_collate after dropping the None entries and `Skipped` markers of skipped corrupt samples (the
+    replacement a marker carries is kept; None if nothing is left)."""
+    batch = [b.sample if isinstance(b, Skipped) else b for b in batch]
     batch = [b for b in batch if b is not None]
     return default_collate(batch) if batch else None
 
@@ -224,25 +349,36 @@ class ShardedSampler(Sampler):
 
 
 def make_loader(
-    dataset, sampler: ShardedSampler, *, workers: int, device: torch.device, drop_last: bool, collate_fn=collate_skip
-):
-    """The DataLoader every task uses: keys from `sampler`, corrupt samples dropped by `collate_skip`.
+    dataset,
+    sampler: ShardedSampler,
+    *,
+    workers: int,
+    device: torch.device,
+    drop_last: bool,
+    collate_fn=default_collate,
+    split: str = "train",
+    batched: bool = True,
+) -> Loader:
+    """The loader every task uses: keys from `sampler`, the samples of skipped corrupt files dropped and
+    recorded (`Loader.corrupt`), the rest collated by `collate_fn`. `batched=False`: one sample at a time
+    (batch_size None; the sampler's batch size is ignored).
 
     It has its own generator, so starting an iterator (which draws the workers' base seed) does not consume
     the global RNG: a run resumed mid-epoch then draws the same random numbers as an uninterrupted one."""
     from torch.utils.data import DataLoader
 
-    return DataLoader(
+    loader = DataLoader(
         dataset,
-        batch_size=sampler.batch_size,
+        batch_size=sampler.batch_size if batched else None,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        drop_last=drop_last,
-        collate_fn=collate_fn,
+        drop_last=drop_last if batched else False,
+        collate_fn=SkipCollate(collate_fn, batched),
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(sampler.seed),
     )
+    return Loader(loader, split)
 
 
 def eval_sampler(n: int, batch: int, env) -> ShardedSampler:

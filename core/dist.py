@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -45,8 +47,10 @@ def init(device: str = "auto", timeout_min: int = 30) -> DistEnv:
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"device={device!r}: expected one of auto, cuda, cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device")
+        raise ConfigError("device=cuda was asked for but torch sees no CUDA device (device=auto or cpu)")
     rank = _env_int("RANK", "SLURM_PROCID") or 0
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
@@ -60,7 +64,7 @@ def init(device: str = "auto", timeout_min: int = 30) -> DistEnv:
         os.environ.setdefault("WORLD_SIZE", str(world))
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
-                raise RuntimeError(f"{world} processes but {var} is not set; launch with torchrun or export it")
+                raise ConfigError(f"{world} processes but {var} is not set; launch with torchrun or export it")
         dist.init_process_group(
             backend="nccl" if device == "cuda" else "gloo",
             rank=rank,

@@ -1,17 +1,17 @@
-"""The training-step skeleton every task shares: mixed precision, gradient accumulation (that still steps
-when an epoch has fewer batches than the accumulation count), DDP `no_sync`, gradient clipping, a per-step
-lr schedule, and the state a resumed run needs (step counter, loss scaler, every rank's RNG).
+"""Optimizer steps from micro-batch losses, and the per-process state a resumed run needs.
 
-A task's loop reads:
+`Stepper` holds what turns gradients into an optimizer step: mixed precision (a loss scaler for fp16),
+DDP `no_sync` on all but the last micro-batch of an accumulation group, gradient clipping, the per-step lr
+schedule (applied explicitly with `start_step`), and the step counter. The training loop that drives it is
+`core.trainer`; a bench or a test drives it directly:
 
-    stepper = Stepper(model, optimizer, schedule, amp=plan.amp, clip_grad=cfg.optim.clip_grad)
-    for i, batch in enumerate(loader):
-        group = stepper.group(i, batches_per_epoch)       # accumulation bookkeeping
+    stepper = Stepper(model, optimizer, schedule, amp="bf16", clip_grad=3.0)
+    stepper.start_step()                                   # lr of this step into every param group
+    for j, batch in enumerate(micro_batches):
         with stepper.autocast():
             loss = ...
-        stepper.backward(loss, group)
-        if group.last:
-            grad_norm = stepper.step()
+        stepper.backward(loss, size=len(micro_batches), last=j == len(micro_batches) - 1)
+    stepper.step()
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,15 +44,6 @@ def autocast(amp: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-@dataclass(frozen=True)
-class Group:
-    """Position of a micro-batch in its accumulation group."""
-
-    size: int  # micro-batches in this group (the last group of an epoch may be shorter)
-    first: bool
-    last: bool
-
-
 def steps_per_epoch(batches: int, accum: int) -> int:
     return math.ceil(batches / accum)
 
@@ -62,7 +52,8 @@ class Stepper:
     """Optimizer steps from micro-batch losses.
 
     model: the module that runs forward/backward (DDP-wrapped under torch.distributed). schedule: lr per
-    optimizer step (indexed by `self.step`), applied through each group's `lr_scale`; None keeps the lr.
+    optimizer step (indexed by `step_count`), applied through each param group's `lr_scale`; None keeps the
+    lr. clip_grad: max global gradient norm (None: no clipping, and no norm pass unless asked for).
     """
 
     def __init__(
@@ -73,7 +64,6 @@ class Stepper:
         *,
         amp: str = "none",
         clip_grad: float | None = None,
-        accum: int = 1,
         device: torch.device | None = None,
     ):
         self.model = model
@@ -81,52 +71,58 @@ class Stepper:
         self.schedule = None if schedule is None else np.asarray(schedule, dtype=np.float64)
         self.amp = amp
         self.clip_grad = clip_grad
-        self.accum = accum
         self.device = device or next(model.parameters()).device
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         self.step_count = 0
 
-    # ---------------------------------------------------------------------------------------- grouping
-    def group(self, i: int, batches: int) -> Group:
-        start = (i // self.accum) * self.accum
-        size = min(self.accum, batches - start)
-        g = Group(size=size, first=i == start, last=i == start + size - 1)
-        if g.first:
-            self.set_lr()
-        return g
-
     def lr(self, step: int | None = None) -> float | None:
+        """The scheduled lr of optimizer step `step` (default: the coming one)."""
         if self.schedule is None:
             return None
         s = self.step_count if step is None else step
         return float(self.schedule[min(s, len(self.schedule) - 1)])
 
-    def set_lr(self) -> None:
+    def start_step(self) -> None:
+        """Set the coming step's lr (times each group's `lr_scale`); call before its first micro-batch."""
         lr = self.lr()
         if lr is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
 
-    # ---------------------------------------------------------------------------------------- stepping
     def autocast(self):
         return autocast(self.amp, self.device)
 
-    def backward(self, loss: torch.Tensor, group: Group) -> None:
-        """Backward of loss / group.size; gradients are all-reduced only on the group's last micro-batch."""
-        sync = group.last or not isinstance(self.model, DistributedDataParallel)
+    def backward(self, loss: torch.Tensor, size: int = 1, last: bool = True) -> None:
+        """Backward of loss / size (`size` micro-batches in this step); gradients are all-reduced only on the
+        step's last micro-batch."""
+        sync = last or not isinstance(self.model, DistributedDataParallel)
         with nullcontext() if sync else self.model.no_sync():
-            self.scaler.scale(loss / group.size).backward()
+            self.scaler.scale(loss / size).backward()
 
-    def step(self) -> torch.Tensor:
-        """Unscale, clip (if set), step, zero the gradients; returns the global gradient norm."""
+    def step(self, norm: bool = False) -> torch.Tensor | None:
+        """Unscale, clip (if set), step, zero the gradients. Returns the global gradient norm before clipping
+        when clipping is on or `norm` is asked for, else None (the norm pass is skipped)."""
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad if self.clip_grad else float("inf"))
+        grad_norm = None
+        if self.clip_grad or norm:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if self.clip_grad:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        return norm
+        return grad_norm
+
+    def swap(self, model, optimizer=None) -> None:
+        """Continue with another model (a stage switch rebuilt or re-wrapped it). A new optimizer (new parameter
+        shapes) starts with a fresh loss scaler; the step counter and the schedule carry on."""
+        self.model = model
+        if optimizer is not None and optimizer is not self.optimizer:
+            self.optimizer = optimizer
+            self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -178,15 +174,6 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed the global RNGs (drop path, dropout); rank-offset so replicas draw different masks."""
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
-
-
-def run_distributed(main, cfg):
-    """Set up this process (torchrun / SLURM / single), run `main(cfg, env)`, always tear down."""
-    env = dist.init(cfg.device)
-    try:
-        return main(cfg, env)
-    finally:
-        dist.shutdown()
 
 
 def accumulation_steps(global_batch: int, batch_per_gpu: int, world_size: int) -> int:

@@ -63,9 +63,19 @@ class RunLogger:
 
     log(step, **scalars) appends a JSON line and TensorBoard scalars; progress(total) gives a tqdm bar
     (speed and ETA) that `update` advances.
+
+    resume_step: the step a resumed run continues from; lines of later steps (written by the interrupted run
+    after its last checkpoint, and about to be redone) are dropped from metrics.jsonl and TensorBoard, so
+    each step is logged once.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._tb = None
@@ -73,11 +83,20 @@ class RunLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        path = self.out_dir / "metrics.jsonl"
+        if resume_step is not None and path.is_file():
+            keep = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+        elif resume_step is None and path.is_file():
+            path.unlink()  # a fresh run in a folder of an older one
+        self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=purge)
 
     def log(self, step: int, prefix: str = "", **scalars) -> None:
         if not self.enabled:
@@ -128,6 +147,13 @@ class RunLogger:
             self._tb = None
         if self.enabled and not self._jsonl.closed:
             self._jsonl.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # an unreadable (half-written) line is dropped
 
 
 def _fmt(v):

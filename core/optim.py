@@ -1,5 +1,14 @@
 """Parameter groups (weight decay, layer-wise lr decay) and per-step schedules, shared by all tasks.
 
+`param_groups` builds AdamW groups from a model's `layer_id` / `num_layers` (core.vit.Backbone) and a rule for
+which tensors skip weight decay. The rules of the codebases each recipe follows live here, once, by name:
+
+- `mae_pretrain_groups`: MAE/dBOT pretraining (`main_pretrain.py`, timm's `add_weight_decay`);
+- `mae_finetune_groups`: MAE/dBOT fine-tuning (`util/lr_decay.param_groups_lrd`), layer decay;
+- `detectron2_groups`: ViTDet in detectron2 (`get_default_optimizer_params` with `weight_decay_norm=0` and the
+  `pos_embed` override, lr factors of `get_vit_lr_decay_rate`);
+- `mmseg_groups`: the authors' UperNet recipe (BEiT/mmseg `LayerDecayOptimizerConstructor`).
+
 Schedules are arrays with one value per optimiser step, computed once (DINOv2 style); the training loop
 only indexes them, so a resumed run reads exactly the value an uninterrupted run would.
 """
@@ -10,6 +19,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
 
@@ -28,7 +39,7 @@ def param_groups(
     skip_decay: Callable[[str, object], bool] = no_weight_decay,
     extra_no_decay: Sequence[str] = (),
 ) -> list[dict]:
-    """AdamW parameter groups; each group carries `lr_scale` (apply it with `set_lr`).
+    """AdamW parameter groups; each group carries `lr_scale` (the training loop multiplies the lr by it).
 
     With layer decay, parameter `name` gets `lr_scale = layer_decay ** (num_layers - layer_id(name))`, the
     BEiT/MAE rule where the embedding is layer 0, block i is layer i+1 and the head is `num_layers`.
@@ -57,9 +68,91 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
-def set_lr(optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+# ------------------------------------------------------------------------------- named weight-decay rules
+def mae_pretrain_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """MAE/dBOT pretraining: no weight decay on 1-D tensors and biases; everything else decays, the cls and
+    mask tokens included (`main_pretrain.py` passes no skip list to timm's `add_weight_decay`)."""
+    return param_groups(model, weight_decay)
+
+
+def mae_finetune_groups(model, weight_decay: float, layer_decay: float = 1.0, exempt: bool = True) -> list[dict]:
+    """MAE/dBOT fine-tuning (`param_groups_lrd`): layer-wise lr decay by `model.layer_id`, no weight decay on
+    1-D tensors nor on `model.no_weight_decay()` (cls_token, pos_embed). `exempt=False` decays every tensor
+    (the authors' transfer script, its disable_weight_decay flags off)."""
+    return param_groups(
+        model,
+        weight_decay,
+        layer_decay=layer_decay,
+        layer_id=model.layer_id,
+        num_layers=model.num_layers,
+        skip_decay=no_weight_decay if exempt else (lambda name, p: False),
+        extra_no_decay=tuple(model.no_weight_decay()) if exempt else (),
+    )
+
+
+# detectron2's `norm_module_types` in `solver/build.py`: only torch's own normalisation classes are exempt.
+TORCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def detectron2_no_decay(model: nn.Module, norms: bool = True, names: Sequence[str] = ("pos_embed",)) -> set[str]:
+    """Parameter names detectron2 trains without weight decay: with `norms` (`weight_decay_norm=0`) every
+    parameter of a torch normalisation module (`TORCH_NORMS`); and every parameter whose own name (the part
+    after the last dot, detectron2's `overrides` key) is in `names`. Biases and relative-position tables decay.
+
+    The channel LayerNorm of the pyramid and the RoI heads is detectron2's own `layers.LayerNorm`, not a torch
+    class, so detectron2 decays it; here that module is timm's `LayerNorm2d` (a torch LayerNorm subclass),
+    so it is taken out of the exemption to decay as in detectron2."""
+    out = set()
+    for mod_name, mod in model.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p_name in names or (norms and isinstance(mod, TORCH_NORMS) and not isinstance(mod, LayerNorm2d)):
+                out.add(full)
+    return out
+
+
+def detectron2_groups(
+    model, weight_decay: float, layer_decay: float = 1.0, norms: bool = True, names: Sequence[str] = ("pos_embed",)
+) -> list[dict]:
+    """ViTDet's optimiser groups in detectron2: `detectron2_no_decay` for weight decay, the model's layer ids
+    for `get_vit_lr_decay_rate` (`layer_decay ** (num_layers - layer_id)`). ViTDet-B and -L use the defaults;
+    the H config sets `weight_decay_norm=None` and no overrides (norms=False, names=())."""
+    skip = detectron2_no_decay(model, norms, names)
+    return param_groups(
+        model,
+        weight_decay,
+        layer_decay=layer_decay,
+        layer_id=model.layer_id,
+        num_layers=model.num_layers,
+        skip_decay=lambda name, p: name in skip,
+    )
+
+
+def mmseg_groups(model, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """The authors' UperNet recipe (BEiT's `mmcv_custom/layer_decay_optimizer_constructor.py`, as mmseg's
+    `LayerDecayOptimizerConstructor`): layer decay by `model.layer_id`, no weight decay on 1-D tensors and
+    biases. Its `pos_embed` / `cls_token` exemption compares bare names with the model's `backbone.`-prefixed
+    ones and so never applies: both decay, as do the relative position tables."""
+    return param_groups(
+        model, weight_decay, layer_decay=layer_decay, layer_id=model.layer_id, num_layers=model.num_layers
+    )
+
+
+def adamw(groups, *, lr: float, betas, device) -> torch.optim.AdamW:
+    """AdamW over parameter groups; on CUDA the fused implementation (one kernel for every parameter instead of
+    a foreach pass per operation), which gives the same update up to floating-point rounding."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=torch.device(device).type == "cuda")
 
 
 def warmup_cosine(base: float, final: float, total: float, warmup: float, positions=None) -> np.ndarray:

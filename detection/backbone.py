@@ -4,9 +4,11 @@ position tables in every block (zero-initialised), the absolute position embeddi
 and bicubically interpolated to the token grid at every forward, linearly increasing drop path, and no final norm.
 
 The blocks are timm's SAM-style `Block` (`timm.models.vision_transformer_sam`), which computes exactly ViTDet's
-block; what timm's SAM model does differently (a position embedding stored at the full token grid, LayerNorm eps
-1e-5) lives in this file instead. Parameter names are timm/MAE's (`patch_embed.proj`, `pos_embed`,
-`blocks.N.attn.qkv`, ...) plus `blocks.N.attn.rel_pos_h/rel_pos_w`, so pretrained ViT weights load as they are.
+block, run by the shared `core.vit.Backbone` loop (layer ids, no-weight-decay names and gradient checkpointing
+are the interface every task's ViT has); what timm's SAM model does differently (a position embedding stored at
+the full token grid, LayerNorm eps 1e-5) lives in this file instead. Parameter names are timm/MAE's
+(`patch_embed.proj`, `pos_embed`, `blocks.N.attn.qkv`, ...) plus `blocks.N.attn.rel_pos_h/rel_pos_w`, so
+pretrained ViT weights load as they are.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, calculate_drop_path_rates
 from timm.models.vision_transformer_sam import Block
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from core.vit import init_module
+from core.vit import Backbone, init_module
 
 # Global-attention blocks per size (RECIPES.md 4); tiny (4 blocks) mirrors the pattern with its 2nd and 4th.
 GLOBAL_BLOCKS = {
@@ -46,7 +47,7 @@ def abs_pos(pos_embed: torch.Tensor, hw: tuple[int, int], has_cls: bool = True) 
     return grid.permute(0, 2, 3, 1)
 
 
-class ViTDetBackbone(nn.Module):
+class ViTDetBackbone(Backbone, nn.Module):
     """images `[N, 3, H, W]` (H, W multiples of the patch size) -> last-block map `[N, C, H/p, W/p]`.
 
     img_size: the detection input size; it sizes the relative-position tables of the global blocks (window
@@ -67,14 +68,14 @@ class ViTDetBackbone(nn.Module):
         drop_path_rate: float = 0.1,
         window_size: int = 14,
         global_blocks=(2, 5, 8, 11),
-        grad_checkpoint: bool = False,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
         self.patch_size, self.embed_dim, self.img_size = patch_size, embed_dim, img_size
         self.global_blocks = tuple(global_blocks)
-        self.grad_checkpoint = grad_checkpoint
+        self.set_grad_checkpointing(grad_checkpointing)
         self.patch_embed = PatchEmbed(
             img_size=img_size,
             patch_size=patch_size,
@@ -112,22 +113,12 @@ class ViTDetBackbone(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
 
     # ------------------------------------------------------------------------------------ interface
-    @property
-    def num_layers(self) -> int:
-        """Layer count for layer decay: embedding 0, block i -> i + 1; anything after the blocks is depth + 1."""
-        return len(self.blocks) + 1
-
-    def layer_id(self, name: str) -> int:
-        """detectron2's `get_vit_lr_decay_rate` rule, names relative to this module."""
-        if name.startswith(("pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.num_layers
+    # `core.vit.Backbone`: layer_id / num_layers (detectron2's `get_vit_lr_decay_rate`: pos/patch embedding 0,
+    # block i -> i + 1, the rest depth + 1), no_weight_decay() = {"pos_embed"} (the ViTDet configs' override),
+    # set_grad_checkpointing, and the block loop (window blocks take no attention bias).
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)  # [N, H, W, C]
         x = x + abs_pos(self.pos_embed, x.shape[1:3]).to(x.dtype)
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpoint and self.training else blk(x)
+        x, _ = self.forward_blocks(x)
         return x.permute(0, 3, 1, 2)

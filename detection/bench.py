@@ -1,26 +1,26 @@
 """Speed of the ViTDet Mask R-CNN recipes on synthetic batches (compute only, no data loading).
 
-    python -m detection.bench -c tiny --batch 8 --steps 10
-    python -m detection.bench -c base --batch 1 --device cuda --amp bf16 --steps 20
+    python -m detection.bench -c tiny --batch 8 --steps 10 --classes 4
+    python -m detection.bench -c base device=cuda amp=bf16 --batch 1 --steps 20
 
 Training: full steps (forward with losses, backward, AdamW with the recipe's parameter groups) on images with
 three random box-shaped instances each -> s/iter, images/s. Inference: `predict` on the same images -> images/s.
-Peak memory: CUDA max allocated, or the process's peak RSS on CPU. Prints one JSON line.
+Peak memory: CUDA max allocated, or the process's peak RSS on CPU. `-c RECIPE [key=value ...]` is the recipe as
+`python -m detection` reads it (device, amp, compile, data.img_size, model.*). Prints one JSON line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from core.config import load_config
+from core import speed
 from core.engine import Stepper, resolve_amp
+from core.speed import device_name, peak_memory, seconds_per_call
 from detection.model import build_detector
 from detection.train import build_optimizer
-from tools.bench import device_name, peak_memory, seconds_per_call
 
 
 def synthetic_batch(n: int, size: int, num_classes: int, generator: torch.Generator):
@@ -39,22 +39,23 @@ def synthetic_batch(n: int, size: int, num_classes: int, generator: torch.Genera
 
 
 def bench(args) -> dict:
-    device = torch.device(args.device)
-    overrides = [f"data.img_size={args.img_size}"] if args.img_size else []
-    cfg = load_config(Path(__file__).parent / "configs", args.config, overrides)
-    amp = resolve_amp(args.amp, device)
-    size = cfg.data.img_size
-    model = build_detector(cfg, args.num_classes).to(device)
+    cfg = speed.bench_config(Path(__file__).parent / "configs", args, ("data.batch_per_gpu",))
+    device = speed.resolve_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)
+    size, batch = cfg.data.img_size, int(cfg.data.batch_per_gpu)
+    model = build_detector(cfg, args.classes).to(device)
+    if cfg.compile:  # as detection/train.py does
+        model.backbone.compile()
     stepper = Stepper(model, build_optimizer(cfg, model), amp=amp, device=device)
-    images, sizes, targets = synthetic_batch(args.batch, size, args.num_classes, torch.Generator().manual_seed(0))
+    images, sizes, targets = synthetic_batch(batch, size, args.classes, torch.Generator().manual_seed(0))
     images = images.to(device)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 
     def train_step():
-        group = stepper.group(0, 1)
+        stepper.start_step()
         with stepper.autocast():
             losses = model(images, sizes, targets)
-        stepper.backward(sum(losses.values()), group)
+        stepper.backward(sum(losses.values()))
         stepper.step()
 
     def infer():
@@ -69,13 +70,15 @@ def bench(args) -> dict:
     infer_peak, _ = peak_memory(device)
     return {
         "recipe": args.config,
+        "overrides": list(args.overrides),
         "img_size": size,
         "device": device_name(device),
         "amp": amp,
-        "batch": args.batch,
+        "compile": bool(cfg.compile),
+        "batch": batch,
         "train_s_per_iter": round(train_s, 4),
-        "train_images_per_s": round(args.batch / train_s, 2),
-        "inference_images_per_s": round(args.batch / infer_s, 2),
+        "train_images_per_s": round(batch / train_s, 2),
+        "inference_images_per_s": round(batch / infer_s, 2),
         "train_peak_mem_gib": round(train_peak, 2),
         "infer_peak_mem_gib": round(infer_peak, 2),
         "mem_kind": kind,
@@ -83,20 +86,9 @@ def bench(args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m detection.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("-c", "--config", default="tiny", help="detection recipe (tiny, base, large, huge)")
-    p.add_argument("--img-size", type=int, default=None, help="override data.img_size")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", default="auto")
-    p.add_argument("--num-classes", type=int, default=80)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(json.dumps(bench(args)))
+    p = speed.parser("python -m detection.bench", __doc__)
+    p.add_argument("--classes", type=int, default=80, help="object categories (synthetic instances)")
+    print(json.dumps(bench(p.parse_intermixed_args(argv))))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,14 @@ annotation are dropped from the training set. Evaluation: long side resized to t
 Bad input: a missing or malformed annotation file, a missing field, an annotation pointing at an image or
 category that is not listed, or listed images missing on disk raise DataError naming the file and the field
 before any compute; degenerate boxes, polygons and RLEs are dropped and counted (`dataset.dropped`); an image
-that cannot be decoded raises CorruptImageError naming it (or is replaced by the next image, with a warning,
-when `skip_corrupt` is set for training).
+that cannot be decoded raises CorruptImageError naming it, or with `skip_corrupt` is skipped as every task skips
+it (`core.data`: replaced by the next decodable image in training, left out of evaluation).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +29,17 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from core.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DataError, open_rgb, sample_seed, seeded
+from core.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    Skipped,
+    decode_skipping,
+    open_rgb,
+    sample_seed,
+    seeded,
+    with_skipped,
+)
 
 REQUIRED = {
     "images": ("id", "file_name", "width", "height"),
@@ -127,8 +136,22 @@ class CocoInstances(Dataset):
         if train:
             self.dropped["images without instances"] = sum(1 for k in ids if not per_image[k])
             ids = [k for k in ids if per_image[k]]
+        if not ids and train:
+            reasons = ", ".join(
+                f"{v} {k}" for k, v in self.dropped.most_common() if v and k != "images without instances"
+            )
+            raise DataError(
+                f"{self.ann_path}: no usable images with instances: "
+                + (
+                    f"all {len(d['annotations'])} annotations were dropped ({reasons}); training needs non-crowd "
+                    "instances with a box of positive size and a mask (polygons of at least 3 points, or an RLE "
+                    "of the image's size)"
+                    if d["annotations"]
+                    else "the file lists no annotations"
+                )
+            )
         if not ids:
-            raise DataError(f"{self.ann_path}: no usable images" + (" with instances" if train else ""))
+            raise DataError(f"{self.ann_path}: no usable images: 'images' is empty")
         self.images = [images[k] for k in ids]
         self.anns = [per_image[k] for k in ids]
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
@@ -162,20 +185,16 @@ class CocoInstances(Dataset):
         return len(self.categories)
 
     def _open(self, i: int) -> tuple[int, Image.Image]:
-        for k in range(len(self.images)):
-            j = (i + k) % len(self.images)
-            path = self.img_dir / self.images[j]["file_name"]
-            try:
-                return j, open_rgb(path)
-            except CorruptImageError as e:
-                if not (self.skip_corrupt and self.train):
-                    raise
-                warnings.warn(f"{e}; using the next image instead (data.skip_corrupt)", stacklevel=2)
-        raise DataError(f"{self.img_dir}: no image could be decoded")
+        return i, open_rgb(self.img_dir / self.images[i]["file_name"])
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        i, img = self._open(i)
+        opened, files = decode_skipping(self._open, i, len(self), skip=self.skip_corrupt, replace=self.train)
+        if opened is None:
+            return Skipped(files)
+        return with_skipped(self._sample(epoch, *opened), files)
+
+    def _sample(self, epoch: int, i: int, img: Image.Image):
         info, s = self.images[i], self.img_size
         w, h = img.size
         if self.train and (w, h) != (info["width"], info["height"]):

@@ -72,7 +72,10 @@ def predict_coco(model, loader, label_to_cat: dict, device, autocast) -> tuple[l
     """COCO result records and image ids of this process's shard."""
     model.eval()
     results, image_ids = [], []
-    for images, _, metas in loader:
+    for batch in loader:
+        if batch is None:  # every image of the batch skipped (data.skip_corrupt)
+            continue
+        images, _, metas = batch
         with autocast:
             detections = model.predict(images.to(device, non_blocking=True), [m["size"] for m in metas])
         detections = [{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in detections]

@@ -21,10 +21,10 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from core import checkpoint as ckpt
 from core.vit import preset, resize_pos_embed
+from core.weights import read_backbone
 from detection.backbone import GLOBAL_BLOCKS, ViTDetBackbone
 from detection.heads import L1RPN, Anchors, BoxPredictorFP32, L1RoIHeads, LevelRoIAlign, RPNHeadFP32, init_predictors
 from detection.pyramid import BackboneWithPyramid
-from tools.convert import read_backbone
 
 
 class ViTDetMaskRCNN(nn.Module):
@@ -84,7 +84,7 @@ def backbone_arch(cfg) -> dict:
         drop_path_rate=m.drop_path,
         window_size=m.window_size,
         global_blocks=tuple(m.global_blocks) if m.global_blocks is not None else GLOBAL_BLOCKS[m.size],
-        grad_checkpoint=m.grad_checkpoint,
+        grad_checkpointing=m.grad_checkpointing,
     )
 
 
@@ -156,7 +156,7 @@ class PretrainedLoad:
 
 
 def load_pretrained(model: ViTDetMaskRCNN, path: str) -> PretrainedLoad:
-    """Pretrained ViT weights (any file `tools.convert.read_backbone` reads) into `model.backbone.net`.
+    """Pretrained ViT weights (any file `core.weights.read_backbone` reads) into `model.backbone.net`.
 
     The relative-position tables, the pyramid and the heads are expected to be new; any other backbone tensor
     missing from the checkpoint, or a checkpoint tensor the backbone does not have, is a CheckpointError. The

@@ -1,9 +1,17 @@
-"""`python -m finetune -c RECIPE [key=value ...]`: fine-tuning, linear probe, transfer (see finetune/configs/)."""
+"""`python -m finetune -c RECIPE [key=value ...] [--print-config] [--debug]`:
+fine-tuning, linear probe, transfer (see finetune/configs/).
 
+A configuration, data or checkpoint error prints one line `error: <message>` and exits with status 2
+(`--debug` or DBOT_DEBUG=1: with its traceback); any other exception is a bug and shows its traceback.
+"""
+
+import sys
 from pathlib import Path
 
 from core.config import cli
+from core.errors import main
+from finetune.schema import FinetuneConfig
 from finetune.train import run
 
 if __name__ == "__main__":
-    run(cli("finetune", Path(__file__).parent / "configs"))
+    sys.exit(main(lambda: run(cli("finetune", Path(__file__).parent / "configs", schema=FinetuneConfig))))

@@ -127,16 +127,17 @@ def _torchvision(cls, root: Path, what: str, **kw):
         raise DataError(f"data.root: {root} does not hold the {what} release ({e})") from None
 
 
-def base_datasets(kind: str, root: str | Path, skip_corrupt: bool = False):
-    """(train, val, classes): datasets returning (PIL image, label), before augmentation."""
+def base_datasets(kind: str, root: str | Path):
+    """(train, val, classes): datasets returning (PIL image, label), before augmentation (an undecodable file
+    raises; `core.data.Augmented` skips it under data.skip_corrupt)."""
     root = Path(root)
     if kind not in KINDS:
         raise DataError(f"data.kind: unknown dataset {kind!r}; expected one of {', '.join(KINDS)}")
     if not root.is_dir():
         raise DataError(f"data.root: folder {root} does not exist")
     if kind in ("imagenet", "folder"):
-        train = ImageFolder(root / "train", skip_corrupt=skip_corrupt, what="data.root (train split)")
-        val = ImageFolder(root / "val", skip_corrupt=skip_corrupt, what="data.root (val split)")
+        train = ImageFolder(root / "train", what="data.root (train split)")
+        val = ImageFolder(root / "val", what="data.root (val split)")
         if train.classes != val.classes:
             only_t = sorted(set(train.classes) - set(val.classes))[:5]
             only_v = sorted(set(val.classes) - set(train.classes))[:5]

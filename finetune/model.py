@@ -1,4 +1,4 @@
-"""The classifier: the shared ViT with a head, started from any checkpoint `tools.convert` reads.
+"""The classifier: the shared ViT with a head, started from any checkpoint `core.weights` reads.
 
 Fine-tuning (MAE/dBOT): global average pool of the patch tokens + fc_norm (or the cls token + norm), drop
 path, a new linear head initialised trunc-normal with std 0.01 (dBOT; MAE uses 2e-5).
@@ -12,7 +12,7 @@ from torch import nn
 
 from core import checkpoint as ckpt
 from core.vit import ViT, preset
-from tools.convert import fit_to_model, read_backbone, shape_adapters
+from core.weights import fit_to_model, read_backbone, shape_adapters
 
 
 def build_classifier(cfg, num_classes: int) -> ViT:
@@ -20,7 +20,11 @@ def build_classifier(cfg, num_classes: int) -> ViT:
     arch = preset(m.size, **({"img_size": m.img_size} if m.img_size else {}))
     linprobe = cfg.task == "linprobe"
     model = ViT(
-        **arch, num_classes=num_classes, global_pool=m.global_pool, drop_path_rate=0.0 if linprobe else m.drop_path
+        **arch,
+        num_classes=num_classes,
+        global_pool=m.global_pool,
+        drop_path_rate=0.0 if linprobe else m.drop_path,
+        grad_checkpointing=m.grad_checkpointing,
     )
     if linprobe:
         model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), model.head)
@@ -28,7 +32,7 @@ def build_classifier(cfg, num_classes: int) -> ViT:
 
 
 def read_pretrained(path: str, model_size: str, img_size: int | None) -> tuple[dict, list[str]]:
-    """Encoder weights of any checkpoint `tools.convert` reads (an old head dropped, a fine-tuned file's
+    """Encoder weights of any checkpoint `core.weights` reads (an old head dropped, a fine-tuned file's
     fc_norm kept) and the names dropped; checked against a ViT of `model_size` so that a file of another
     size fails here, before any data is read."""
     sd, info = read_backbone(path, keep_head=True)

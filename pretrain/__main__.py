@@ -1,9 +1,16 @@
-"""`python -m pretrain -c RECIPE [key=value ...]`: dBOT pretraining (see pretrain/configs/)."""
+"""`python -m pretrain -c RECIPE [key=value ...] [--print-config] [--debug]`: dBOT pretraining (see pretrain/configs/).
 
+A configuration, data or checkpoint error prints one line `error: <message>` and exits with status 2
+(`--debug` or DBOT_DEBUG=1: with its traceback); any other exception is a bug and shows its traceback.
+"""
+
+import sys
 from pathlib import Path
 
 from core.config import cli
+from core.errors import main
+from pretrain.schema import PretrainConfig
 from pretrain.train import run
 
 if __name__ == "__main__":
-    run(cli("pretrain", Path(__file__).parent / "configs"))
+    sys.exit(main(lambda: run(cli("pretrain", Path(__file__).parent / "configs", schema=PretrainConfig))))

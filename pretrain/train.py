@@ -1,109 +1,61 @@
-"""dBOT pretraining loop: `python -m pretrain -c RECIPE [key=value ...]` (or under torchrun).
+"""dBOT pretraining: `python -m pretrain -c RECIPE [key=value ...]` (or under torchrun).
 
-The method itself is in `pretrain/dbot.py`; this file is plumbing: config checks, data, optimiser,
-mixed precision, accumulation, DDP, checkpoints, resume and logging.
+The method is `pretrain/dbot.py`; the loop is the shared engine (`core/trainer.py`). This file is what is
+pretraining's own: the config checks, the student and first target of a stage, data with the mask noise
+drawn per sample, the stage-restarting lr schedule, and the stage end (its checkpoints and the switch).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchvision import transforms
 
 from core import checkpoint as ckpt
-from core import dist, engine
-from core.config import ConfigError, save_config, to_dict
-from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ShardedSampler, make_loader
-from core.monitor import RunLogger, write_results
-from core.optim import param_groups, warmup_cosine
+from core import datapath, dist, engine, trainer, weights
+from core.config import ConfigError, check_file, check_folder, to_dict
+from core.optim import adamw, mae_pretrain_groups, warmup_cosine
 from core.vit import preset
 from pretrain import dbot, targets
 from pretrain.beit import SymmetricStudent
 from pretrain.masking import BlockMasking, RandomMasking
 from pretrain.model import MaskedStudent
-from tools.convert import read_backbone
+from pretrain.schema import PretrainConfig
 
 FORMAT = "dbot-suite/pretrain/v1"
 
 
 # ------------------------------------------------------------------------------------------------ plan
 class Plan:
-    """Everything derived from the config, checked before any compute (each error names the option)."""
+    """Everything derived from the config. The options and the rules between them are checked by the schema
+    (`pretrain.schema`) before this is built; here what needs the environment: the number of processes,
+    the device, the files and folders named."""
 
     def __init__(self, cfg: DictConfig, env: dist.DistEnv):
         self.cfg = cfg
-        try:
-            self.stages = dbot.Stages(cfg.stages.epochs)
-        except ValueError as e:
-            raise ConfigError(f"stages.epochs: {e}") from None
+        self.stages = dbot.Stages(cfg.stages.epochs)
         overrides = {k: cfg.model[k] for k in ("img_size", "embed_dim", "num_heads") if cfg.model[k] is not None}
         self.arch = preset(cfg.model.size, **overrides)
         depths = cfg.model.depth_per_stage
-        if depths is None:
-            depths = [self.arch["depth"]] * len(self.stages)
-        depths = [int(d) for d in depths]
-        if len(depths) != len(self.stages):
-            raise ConfigError(
-                f"model.depth_per_stage has {len(depths)} entries but stages.epochs {list(self.stages.boundaries)} "
-                f"defines {len(self.stages)} stages; give one depth per stage"
-            )
-        if any(d < 1 for d in depths):
-            raise ConfigError(f"model.depth_per_stage: student depths must be >= 1, got {depths}")
-        self.depths = depths
-        if not 0.0 < cfg.model.mask_ratio < 1.0:
-            raise ConfigError(f"model.mask_ratio must be in (0, 1), got {cfg.model.mask_ratio}")
-        if cfg.model.kind not in ("mae", "beit"):
-            raise ConfigError(f"model.kind must be mae or beit, got {cfg.model.kind!r}")
-        if cfg.model.masking not in ("random", "block"):
-            raise ConfigError(f"model.masking must be random or block, got {cfg.model.masking!r}")
-        if cfg.model.masking == "block" and cfg.model.kind == "mae":
-            raise ConfigError("model.masking=block needs model.kind=beit (the asymmetric encoder needs equal counts)")
-        try:
-            targets.check_kind(cfg.target.kind)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if cfg.target.kind == "ema" and (cfg.model.kind != "mae" or cfg.model.masking != "random"):
-            raise ConfigError("target.kind=ema (multi-fold teacher) needs model.kind=mae with random masking")
-        # teacher of stage 0
-        tsize = cfg.teacher.size or cfg.model.size
-        tdepth = cfg.teacher.init_depth
-        self.teacher0_arch = preset(tsize, img_size=self.arch["img_size"])
-        if cfg.teacher.checkpoint is None:
-            if cfg.teacher.size not in (None, cfg.model.size) and cfg.teacher.seed is None:
-                raise ConfigError("teacher.size differs from model.size: give teacher.checkpoint or teacher.seed")
-            if tdepth is not None:
-                if tdepth < 0:
-                    raise ConfigError(f"teacher.init_depth must be >= 0, got {tdepth}")
-                self.teacher0_arch["depth"] = int(tdepth)
-        elif tdepth is not None:
-            raise ConfigError("teacher.init_depth applies to a random first teacher, not with teacher.checkpoint")
-        if self.teacher0_arch["patch_size"] != self.arch["patch_size"]:
-            raise ConfigError(
-                f"teacher patch size {self.teacher0_arch['patch_size']} differs from the student's "
-                f"{self.arch['patch_size']}; the teacher must give one token per student patch"
-            )
-        # batch and accumulation
+        self.depths = [self.arch["depth"]] * len(self.stages) if depths is None else [int(d) for d in depths]
+        t = cfg.teacher
+        self.teacher0_arch = {**self.arch, "depth": self.depths[0]} if t.size is None else preset(t.size)
+        self.teacher0_arch["img_size"] = self.arch["img_size"]
+        if t.checkpoint is None and t.init_depth is not None:
+            self.teacher0_arch["depth"] = int(t.init_depth)
         try:
             self.accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self.lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.optim.global_batch / 256
-        # data
-        self.train_root = Path(cfg.data.root) / "train"
-        if not Path(cfg.data.root).is_dir():
-            raise ConfigError(
-                f"data.root: folder {cfg.data.root} does not exist (expected ImageNet layout "
-                f"<root>/train/<class>/*.jpg)"
-            )
-        try:
             self.amp = engine.resolve_amp(cfg.amp, env.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.out = Path(cfg.out)
+        self.lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.optim.global_batch / 256
+        check_folder("data.root", cfg.data.root, "ImageNet layout <root>/train/<class>/*.jpg")
+        self.train_root = Path(cfg.data.root) / "train"
+        check_file("teacher.checkpoint", t.checkpoint)
+        if cfg.target.kind == "timm":
+            check_file("target.timm.checkpoint", cfg.target.timm.checkpoint)
 
     def student_arch(self, stage: int) -> dict:
         return {**self.arch, "depth": self.depths[stage]}
@@ -111,18 +63,27 @@ class Plan:
     def stage_seed(self, stage: int) -> int:
         return 1_000_003 * int(self.cfg.seed) + 7919 * stage + 1
 
+    def loss_options(self) -> dict:
+        """`loss.*` overrides (None: each target's own default)."""
+        c = self.cfg.loss
+        return dict(norm=c.norm, loss=c.kind, beta=c.beta, include_cls=c.include_cls)
+
+    def teacher_options(self) -> dict:
+        return dict(final_norm=self.cfg.teacher.final_norm, **self.loss_options())
+
 
 # ---------------------------------------------------------------------------------------------- builders
-def build_student(plan: Plan, stage: int, target_dim: int):
+def build_student(plan: Plan, stage: int, target_dim: int, depth: int | None = None):
     """The student of a stage, initialised from the stage seed (identical on every rank)."""
     c = plan.cfg.model
+    arch = {**plan.student_arch(stage), **({"depth": depth} if depth is not None else {})}
     if c.kind == "beit":
         student = SymmetricStudent(
             target_dim=target_dim,
             layer_scale=c.layer_scale,
             rel_pos_bias=c.rel_pos_bias,
             drop_path_rate=c.drop_path,
-            **plan.student_arch(stage),
+            **arch,
         )
     else:
         student = MaskedStudent(
@@ -131,10 +92,48 @@ def build_student(plan: Plan, stage: int, target_dim: int):
             decoder_depth=c.decoder.depth,
             decoder_heads=c.decoder.heads,
             drop_path_rate=c.drop_path,
-            **plan.student_arch(stage),
+            **arch,
         )
     student.initialize_weights(torch.Generator().manual_seed(plan.stage_seed(stage)))
+    student.set_grad_checkpointing(c.grad_checkpointing)  # encoder blocks (timm's switch)
     return student
+
+
+def first_target(plan: Plan, stage: int):
+    """(student, target) of a fresh run's first stage: an independent target (pixels, HOG, a timm network),
+    an EMA of the student, or a frozen ViT teacher (a checkpoint, an independently seeded random ViT, or
+    the student's own initial encoder: dBOT as released)."""
+    cfg, t = plan.cfg, plan.cfg.teacher
+    kind = cfg.target.kind
+    options = plan.loss_options()
+    grid = (plan.arch["img_size"] // plan.arch["patch_size"],) * 2
+    if kind not in targets.NEEDS_STUDENT:
+        target = targets.build_independent(cfg.target, options, plan.arch["patch_size"], grid)
+        return build_student(plan, stage, target.dim), target
+    if kind == "ema":
+        student = build_student(plan, stage, plan.arch["embed_dim"])
+        return student, targets.build_ema(cfg.target, options, student)
+    student = build_student(plan, stage, plan.teacher0_arch["embed_dim"])
+    teacher, desc = dbot.first_teacher(
+        student, plan.teacher0_arch, checkpoint=t.checkpoint, seed=t.seed, final_norm=t.final_norm
+    )
+    return student, dbot.TeacherTarget(teacher, description=desc, **plan.teacher_options())
+
+
+def resumed_models(plan: Plan, stage: int, state: dict):
+    """(student, target) of checkpoint-last.pth: the target rebuilt from its recorded architecture (a ViT
+    teacher) or from the config (the other first-stage targets), then both loaded."""
+    meta = state["meta"]
+    if meta["teacher"] is not None and (stage > 0 and plan.cfg.teacher.bootstrap or plan.cfg.target.kind == "teacher"):
+        target = dbot.TeacherTarget(
+            dbot.build_teacher(meta["teacher"]), description=meta["target"], **plan.teacher_options()
+        )
+        student = build_student(plan, stage, target.dim)
+    else:
+        student, target = first_target(plan, stage)
+    student.load_state_dict(state["model"])
+    target.load_state_dict(state["target"], strict=False)  # timm teachers store nothing: rebuilt from config
+    return student, target
 
 
 def build_masker(plan: Plan):
@@ -144,401 +143,196 @@ def build_masker(plan: Plan):
     return RandomMasking(grid[0] * grid[1], plan.cfg.model.mask_ratio)
 
 
-def teacher_loss(plan: Plan) -> dict:
-    c = plan.cfg.loss
-    return dict(norm=c.norm, loss=c.kind, beta=c.beta, include_cls=c.include_cls)
-
-
-def frozen_copy(student, plan: Plan, stage: int):
-    """The bootstrapped teacher: the student's encoder, frozen (the whole symmetric student for beit)."""
-    if isinstance(student, SymmetricStudent):
-        teacher = build_student(plan, stage, target_dim=student.decoder_pred.out_features)
-        teacher.load_state_dict(student.state_dict())
-        return teacher.requires_grad_(False).eval()
-    return dbot.make_teacher(student.arch, dbot.encoder_state(student))
-
-
-def first_teacher(plan: Plan, student):
-    """Stage-0 ViT teacher: an external checkpoint, an independently seeded random ViT, or (released) the
-    student's initial encoder truncated to `teacher.init_depth` blocks. Returns (teacher, description)."""
-    t = plan.cfg.teacher
-    if t.checkpoint is not None:
-        teacher = dbot.make_teacher(plan.teacher0_arch)
-        sd, info = read_backbone(t.checkpoint)
-        report = ckpt.load_weights(
-            teacher, sd, source=str(t.checkpoint), allow_missing=lambda k: k.startswith("norm.") and not t.final_norm
-        )
-        return teacher, f"checkpoint {t.checkpoint} ({info.layout}; {report.summary().splitlines()[0]})"
-    if t.seed is not None:
-        teacher = dbot.make_teacher(plan.teacher0_arch)
-        teacher.initialize_weights(torch.Generator().manual_seed(int(t.seed)))
-        return teacher.requires_grad_(False), f"random, seed {t.seed}"
-    if plan.cfg.model.kind == "beit" and plan.cfg.teacher.init_depth is None:
-        return frozen_copy(student, plan, 0), f"random = student's initial encoder (seed {plan.stage_seed(0)})"
-    teacher = dbot.make_teacher(plan.teacher0_arch, dbot.encoder_state(student))
-    return teacher, f"random = student's initial encoder (seed {plan.stage_seed(0)}), depth {len(teacher.blocks)}"
-
-
-def build_models(plan: Plan, stage: int, state: dict | None):
-    """(student, target) for `stage`; from `state` (checkpoint-last) when resuming."""
-    cfg = plan.cfg
-    grid = (plan.arch["img_size"] // plan.arch["patch_size"],) * 2
-    first = stage == 0 or not cfg.teacher.bootstrap
-    independent = first and cfg.target.kind not in targets.NEEDS_STUDENT
-    try:
-        if independent:
-            target = targets.build_independent(cfg.target, plan.arch["patch_size"], grid)
-            student = build_student(plan, stage, target.dim)
-        elif first and cfg.target.kind == "ema":
-            student = build_student(plan, stage, plan.arch["embed_dim"])
-            target = targets.build_ema(cfg.target, student)
-        else:  # a ViT teacher: the first one, or a bootstrapped one rebuilt from the checkpoint
-            if state is not None:
-                t_meta = state["meta"]
-                student = build_student(plan, stage, t_meta["target_dim"])
-                if t_meta["teacher_kind"] == "beit":
-                    teacher = build_student(plan, stage - 1 if stage else 0, t_meta["target_dim"]).requires_grad_(False)
-                else:
-                    teacher = dbot.make_teacher(t_meta["teacher_arch"])
-                target = targets.TeacherTarget(
-                    teacher,
-                    final_norm=cfg.teacher.final_norm,
-                    **teacher_loss(plan),
-                    description=t_meta["target"],
-                )
-            else:
-                student = build_student(plan, stage, plan.teacher0_arch["embed_dim"])
-                teacher, desc = first_teacher(plan, student)
-                target = targets.TeacherTarget(
-                    teacher, final_norm=cfg.teacher.final_norm, **teacher_loss(plan), description=desc
-                )
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if state is not None:
-        student.load_state_dict(state["model"])
-        target.load_state_dict(state["target"], strict=False)
-    return student, target
-
-
-def build_optimizer(plan: Plan, student) -> torch.optim.Optimizer:
+def lr_schedule(plan: Plan, batches_per_epoch: int) -> np.ndarray:
+    """One lr per optimizer step over the whole run; warmup + cosine restart in each stage. Step s of an
+    epoch sits at fractional epoch s * accum / batches_per_epoch (the released per-iteration schedule)."""
     o = plan.cfg.optim
-    groups = param_groups(student, o.weight_decay)
-    return torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(o.betas))
-
-
-def lr_schedule(plan: Plan, steps_per_epoch: int, batches_per_epoch: int):
-    """One lr per optimizer step over the whole run; warmup + cosine restart in each stage.
-
-    Step s of an epoch sits at fractional epoch s * accum / batches_per_epoch (the released per-iteration
-    schedule).
-    """
-    import numpy as np
-
-    o = plan.cfg.optim
+    spe = engine.steps_per_epoch(batches_per_epoch, plan.accum)
     out = []
     for stage in range(len(plan.stages)):
         length = plan.stages.length(stage)
-        t = np.array([e + s * plan.accum / batches_per_epoch for e in range(length) for s in range(steps_per_epoch)])
+        t = np.array([e + s * plan.accum / batches_per_epoch for e in range(length) for s in range(spe)])
         out.append(warmup_cosine(plan.lr, o.min_lr, length, o.warmup_epochs, positions=t))
     return np.concatenate(out)
 
 
-def build_data(plan: Plan, env: dist.DistEnv, masker):
-    c = plan.cfg.data
-    tf = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(
-                plan.arch["img_size"], scale=tuple(c.crop_scale), interpolation=transforms.InterpolationMode.BICUBIC
-            ),
-            transforms.RandomHorizontalFlip(),
-            *([transforms.ColorJitter(c.color_jitter, c.color_jitter, c.color_jitter)] if c.color_jitter else []),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-    dataset = ImageFolder(
-        plan.train_root,
-        tf,
-        seed=plan.cfg.seed,
-        skip_corrupt=c.skip_corrupt,
-        extra=masker.sample,
-        what="data.root (train split)",
-    )
-    sampler = ShardedSampler(len(dataset), c.batch_per_gpu, rank=env.rank, world=env.world_size, seed=plan.cfg.seed)
-    if sampler.batches_per_epoch == 0:
-        raise ConfigError(
-            f"data.root: {len(dataset)} training images give no full batch of data.batch_per_gpu="
-            f"{c.batch_per_gpu} on {env.world_size} process(es)"
+# ------------------------------------------------------------------------------------------------ task
+class Pretrain(trainer.Task):
+    name, format, unit = "pretrain", FORMAT, "epoch"
+    schema = PretrainConfig
+
+    def __init__(self, cfg, env):
+        super().__init__(cfg, env)
+        self.plan = Plan(cfg, env)
+        self.accum, self.amp, self.clip_grad = self.plan.accum, self.plan.amp, cfg.optim.clip_grad
+        self.stage_losses = {}
+
+    @property
+    def save_every(self):
+        return self.cfg.log.save_every_epochs
+
+    def check_resume(self, path, state) -> None:
+        want, have = self.plan.student_arch(int(state["stage"])), state["meta"]["student_arch"]
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise ckpt.CheckpointError(
+                f"{path}: saved for another model; differences (checkpoint, config): {diff}. Use another `out` "
+                "folder or resume=none"
+            )
+
+    def build(self, state) -> None:
+        plan, c = self.plan, self.cfg.data
+        self.stage = int(state["stage"]) if state else 0
+        try:
+            self.student, self.target = resumed_models(plan, self.stage, state) if state else first_target(plan, 0)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.first = state["meta"]["first_target"] if state else self.target.describe()
+        self.masker = build_masker(plan)
+        self.data = datapath.pretrain_data(
+            c, plan.train_root, plan.arch["img_size"], seed=self.cfg.seed, env=self.env, extra=self.masker.sample
+        )  # data.backend: pil (reference) | uint8 (normalised on the device) | gpu (decode + augment there)
+        self.dataset, self.train_sampler, self.train_loader = self.data.dataset, self.data.sampler, self.data.loader
+        batches = self.check_batches(self.train_sampler, "data.root")
+        self.schedule = lr_schedule(plan, batches)
+        self.student.to(self.device)
+        self.target.to(self.device)
+        self.model, self.optimizer = self.student, self.optimizer_for(self.student)
+
+    def optimizer_for(self, student) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        return adamw(mae_pretrain_groups(student, o.weight_decay), lr=self.plan.lr, betas=o.betas, device=self.device)
+
+    def load_state_dict(self, state) -> None:
+        self.stage_losses = dict(state.get("stage_losses", {}))
+
+    def train_mode(self) -> None:
+        self.student.train()
+
+    def prepare(self, batch, epoch, index):
+        out = self.data.to_device(batch, self.device)  # None: every image of the batch failed to decode
+        if out is None:
+            return None
+        images, _, spec = out
+        return images, spec
+
+    def forward(self, model, images, spec):
+        return {"loss": dbot.distill(model, self.target, images, self.masker(spec))}
+
+    def after_step(self, step: int, epoch: int) -> None:
+        stages = self.plan.stages
+        self.target.after_step(self.student, epoch - stages.start(self.stage), stages.length(self.stage))
+
+    def log_fields(self) -> dict:
+        return {"stage": self.stage}
+
+    def end_of_epoch(self, epoch: int, summary: dict) -> bool:
+        """At a stage end: the stage's checkpoints, then the switch to the next stage (checkpoint-last follows)."""
+        stages = self.plan.stages
+        self.target.after_epoch(self.student, epoch - stages.start(self.stage), stages.length(self.stage))
+        if not stages.is_last_epoch_of_stage(epoch):
+            return False
+        self.stage_losses[str(self.stage)] = summary["loss"]
+        if self.env.is_main:
+            self.save_stage(epoch)
+        self.write(f"stage {self.stage} done at epoch {epoch + 1}: loss {summary['loss']:.4f}")
+        if self.stage + 1 < len(stages):
+            self.switch(self.stage + 1)
+        return True
+
+    def switch(self, stage: int) -> None:
+        plan = self.plan
+        student, target, rebuilt = dbot.next_stage(
+            self.student,
+            self.target,
+            stage,
+            seed=plan.stage_seed(stage),
+            depth=plan.depths[stage],
+            bootstrap=self.cfg.teacher.bootstrap,
+            build_student=lambda d, dim: build_student(plan, stage, dim, d),
+            **plan.teacher_options(),
         )
-    loader = make_loader(dataset, sampler, workers=c.workers, device=env.device, drop_last=True)
-    return dataset, sampler, loader
+        self.student, self.target, self.stage = student.to(self.device), target.to(self.device), stage
+        if rebuilt or self.cfg.stages.reset_optimizer:
+            self.optimizer = self.optimizer_for(self.student)
+        self.model = self.student
+        dist.assert_replicas_equal(self.student, "re-initialised student")
+        dist.assert_replicas_equal(self.target, "new target")
 
+    def save_stage(self, epoch: int) -> None:
+        """The stage's pair: the student (with decoder, optimiser, scaler) and the teacher it learnt from (none
+        for pixel / HOG / timm targets)."""
+        meta, name = {"format": FORMAT, **self.meta()}, f"checkpoint-stage{self.stage}"
+        state = {
+            "model": self.student.state_dict(),
+            **self.trainer.stepper.state_dict(),
+            "epoch": epoch,
+            "config": to_dict(self.cfg),
+            "meta": meta,
+        }
+        self.saved(f"stage{self.stage}_student", ckpt.save(state, self.out / f"{name}-student.pth"))
+        teacher = getattr(self.target, "teacher", None)
+        if teacher is not None:
+            meta = {"format": FORMAT, **self.meta(teacher_file=True)}
+            path = ckpt.save({"model": teacher.state_dict(), "meta": meta}, self.out / f"{name}-teacher.pth")
+            self.saved(f"stage{self.stage}_teacher", path)
 
-# ------------------------------------------------------------------------------------------ checkpoints
-def meta(plan: Plan, stage: int, target) -> dict:
-    teacher = getattr(target, "teacher", None)
-    kind = None if teacher is None else "beit" if isinstance(teacher, SymmetricStudent) else "vit"
-    return {
-        "format": FORMAT,
-        "stage": stage,
-        "student_kind": plan.cfg.model.kind,
-        "student_arch": plan.student_arch(stage),
-        "target": target.describe(),
-        "target_kind": target.name,
-        "target_dim": target.dim,
-        "teacher_kind": kind,
-        "teacher_arch": teacher.arch if teacher is not None else None,
-    }
+    def state_dict(self) -> dict:
+        return {
+            "model": self.student.state_dict(),
+            "target": self.target.resume_state(),
+            "stage": self.stage,
+            "stage_losses": self.stage_losses,
+        }
 
+    def meta(self, teacher_file: bool = False) -> dict:
+        """What a checkpoint of this stage records, with the pretraining setting of its weights (the student's,
+        or for a teacher file the teacher's) as `core.weights` describes it."""
+        teacher = getattr(self.target, "teacher", None)
+        meta = {
+            "stage": self.stage,
+            "student_kind": self.cfg.model.kind,
+            "student_arch": self.plan.student_arch(self.stage),
+            "target": self.target.describe(),
+            "target_kind": self.target.name,
+            "target_dim": self.target.dim,
+            "teacher": dbot.teacher_spec(teacher) if teacher is not None else None,
+            "first_target": self.first,
+        }
+        meta["pretraining"] = weights.stage_setting(to_dict(self.cfg), self.stage, meta, teacher=teacher_file)
+        return meta
 
-def check_resume(path: Path, state: dict, plan: Plan) -> None:
-    m = state.get("meta", {})
-    if m.get("format") != FORMAT:
-        raise ckpt.CheckpointError(
-            f"{path}: not a dBOT pretraining checkpoint of this suite (format "
-            f"{m.get('format')!r}); start a fresh run folder or set resume=none"
-        )
-    stage = int(state["stage"])
-    want = plan.student_arch(stage)
-    have = m["student_arch"]
-    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-    if diff:
-        raise ckpt.CheckpointError(
-            f"{path}: saved for another model; differences (checkpoint, config): {diff}. Use another `out` "
-            "folder or resume=none"
-        )
-    ckpt.check_same_config(path, state.get("config"), to_dict(plan.cfg))
-
-
-# ---------------------------------------------------------------------------------------------- training
-def run(cfg: DictConfig) -> dict:
-    return engine.run_distributed(_run, cfg)
-
-
-def _run(cfg: DictConfig, env: dist.DistEnv) -> dict:
-    plan = Plan(cfg, env)
-    device = env.device
-    engine.seed_everything(cfg.seed, env.rank)  # drop path; data, masks and inits are seeded explicitly
-
-    # the resume state is read first, so that a mismatch fails before data or models are built
-    resume_path = ckpt.resume_path(plan.out, cfg.resume)
-    state = ckpt.load(resume_path) if resume_path else None
-    if state:
-        check_resume(resume_path, state, plan)
-    stage = int(state["stage"]) if state else 0
-    student, target = build_models(plan, stage, state)
-    masker = build_masker(plan)
-    dataset, sampler, loader = build_data(plan, env, masker)
-    batches = sampler.batches_per_epoch
-    schedule = lr_schedule(plan, engine.steps_per_epoch(batches, plan.accum), batches)
-
-    def wrap(model):
-        return engine.ddp(model, env)
-
-    student.to(device)
-    target.to(device)
-    ddp_student = wrap(student)
-    stepper = engine.Stepper(
-        ddp_student,
-        build_optimizer(plan, student),
-        schedule,
-        amp=plan.amp,
-        clip_grad=cfg.optim.clip_grad,
-        accum=plan.accum,
-        device=device,
-    )
-    start_epoch, stage_losses, skipped = 0, {}, 0
-    if state:
-        stepper.load_state_dict(state["stepper"])
-        start_epoch = int(state["epoch"])
-        stage_losses = dict(state.get("stage_losses", {}))
-        skipped = int(state.get("skipped", 0)) if env.is_main else 0  # the saved count is the all-rank total
-        engine.restore_rng_states(state["rng"], env.rank, env.world_size, cfg.seed + 7919 * start_epoch)
-    first_target = target.describe() if not state else state["meta"].get("first_target", target.describe())
-    del state
-
-    log = RunLogger(plan.out, enabled=env.is_main, tensorboard=cfg.log.tensorboard)
-    if env.is_main:
-        save_config(cfg, plan.out / "config.yaml")
-        log.write(
+    def describe(self) -> str:
+        cfg, plan = self.cfg, self.plan
+        return (
             f"dBOT pretraining: {cfg.model.size} {cfg.model.kind} student {plan.depths} blocks/stage, stages "
-            f"{plan.stages.boundaries}, {len(dataset)} images, global batch {cfg.optim.global_batch} = "
-            f"{cfg.data.batch_per_gpu} x {env.world_size} proc x {plan.accum} accum, lr {plan.lr:.3g}, amp {plan.amp}, "
-            f"device {device}\ntarget: {target.describe()}"
-            + (f"\nresuming at epoch {start_epoch}" if start_epoch else "")
+            f"{plan.stages.boundaries}, {len(self.dataset)} images, global batch {cfg.optim.global_batch} = "
+            f"{cfg.data.batch_per_gpu} x {self.env.world_size} proc x {plan.accum} accum, lr {plan.lr:.3g}, "
+            f"amp {plan.amp}, device {self.device}\ntarget: {self.target.describe()}"
         )
 
-    def compiled(student_fwd, target_fwd):
-        return (torch.compile(student_fwd), torch.compile(target_fwd)) if cfg.compile else (student_fwd, target_fwd)
-
-    fwd_student, fwd_target = compiled(ddp_student, target)
-    total_steps = len(schedule)
-    log.progress(total_steps, initial=stepper.step_count, desc="pretrain")
-    t_last, imgs_since = time.time(), 0
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    epoch_loss = torch.zeros((), device=device)
-    checkpoints = {}
-
-    for epoch in range(start_epoch, plan.stages.total_epochs):
-        stage = plan.stages.stage_of(epoch)
-        sampler.set_epoch(epoch)
-        ddp_student.train()
-        epoch_loss.zero_()
-        for i, batch in enumerate(loader):
-            group = stepper.group(i, batches)
-            if batch is None:
-                raise RuntimeError(f"epoch {epoch}: every image of batch {i} failed to decode; check data.root")
-            images, _, spec = batch
-            skipped += cfg.data.batch_per_gpu - images.shape[0]
-            images = images.to(device, non_blocking=True)
-            mask = masker(spec.to(device, non_blocking=True))
-            with stepper.autocast():
-                goal = fwd_target(images, mask)
-                pred = fwd_student(images, mask)
-            loss = target.loss(pred, goal, mask)
-            stepper.backward(loss, group)
-            loss_sum += loss.detach()
-            epoch_loss += loss.detach()
-            loss_count += 1
-            imgs_since += images.shape[0]
-            if not group.last:
-                continue
-            grad_norm = stepper.step()
-            step = stepper.step_count
-            target.after_step(student, step / total_steps)
-            if step % cfg.log.every == 0 or i == batches - 1:
-                mean_loss = dist.all_reduce_mean(loss_sum / max(loss_count, 1)).item()
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(
-                        f"loss is {mean_loss} at epoch {epoch}, step {step}"
-                        + (" (fp16: try amp=bf16)" if plan.amp == "fp16" else "")
-                    )
-                now = time.time()
-                ips = imgs_since * env.world_size / max(now - t_last, 1e-9)
-                lr = stepper.lr(step - 1)
-                log.log(
-                    step, epoch=epoch, stage=stage, loss=mean_loss, lr=lr, images_per_s=ips, grad_norm=grad_norm.item()
-                )
-                log.update(0, loss=mean_loss, lr=lr, img_s=ips, stage=stage)
-                loss_sum.zero_()
-                loss_count, imgs_since, t_last = 0, 0, now
-            log.update(1)
-        target.after_epoch(student, (epoch + 1) / plan.stages.total_epochs)
-
-        # ---- end of epoch: at a stage end the stage checkpoints, then the switch; "last" for resume
-        stage_end = plan.stages.is_last_epoch_of_stage(epoch)
-        if stage_end:
-            stage_losses[str(stage)] = dist.all_reduce_mean(epoch_loss / batches).item()
-            if env.is_main:
-                checkpoints.update(save_stage(plan, stage, epoch, student, target, stepper))
-                log.write(f"stage {stage} done at epoch {epoch + 1}: loss {stage_losses[str(stage)]:.4f}")
-            if stage + 1 < len(plan.stages):
-                student, target, ddp_student = next_stage(plan, stage + 1, student, target, stepper, wrap, device)
-                dist.assert_replicas_equal(student, "re-initialised student")
-                dist.assert_replicas_equal(target, "new target")
-                fwd_student, fwd_target = compiled(ddp_student, target)
-        done = epoch + 1 == plan.stages.total_epochs
-        stopping = cfg.max_epochs is not None and epoch + 1 - start_epoch >= cfg.max_epochs
-        if stage_end or done or stopping or (epoch + 1) % cfg.log.save_every_epochs == 0:
-            save_last(plan, env, epoch + 1, student, target, stepper, stage_losses, skipped, first_target)
-        dist.barrier()
-        if stopping and not done:
-            log.write(f"stopping after {cfg.max_epochs} epoch(s) (max_epochs); run again to resume")
-            log.close()
-            return {"stopped_at_epoch": epoch + 1}
-
-    log.close()
-    final = len(plan.stages) - 1
-    results = {
-        "model": cfg.model.size,
-        "student": cfg.model.kind,
-        "dataset": str(cfg.data.root),
-        "stages": plan.stages.boundaries,
-        "stage_final_loss": stage_losses,
-        "target": first_target,
-        "target_kind": cfg.target.kind,
-        "bootstrap": bool(cfg.teacher.bootstrap),
-        "teacher": first_target,
-        "teacher_seed": cfg.teacher.seed if cfg.teacher.seed is not None else plan.stage_seed(0),
-        "skipped_images": int(dist.all_reduce_sum(torch.tensor(skipped, device=device)).item()),
-        "checkpoint": str(plan.out / f"checkpoint-stage{final}-student.pth"),
-        "checkpoints": checkpoints
-        or {p.stem.removeprefix("checkpoint-"): str(p) for p in sorted(plan.out.glob("checkpoint-stage*.pth"))},
-        "global_batch": cfg.optim.global_batch,
-        "lr": plan.lr,
-    }
-    if env.is_main:
-        write_results(plan.out, "pretrain", **results)
-        print(f"pretraining done: per-stage final loss {stage_losses}; results in {plan.out / 'results.json'}")
-    return results
+    def results(self, last_eval) -> dict:
+        cfg, final = self.cfg, len(self.plan.stages) - 1
+        self.write(f"pretraining done: per-stage final loss {self.stage_losses}")
+        return {
+            "model": cfg.model.size,
+            "dataset": str(cfg.data.root),
+            "checkpoint": cfg.teacher.checkpoint,
+            "metrics": {f"stage{k}_loss": v for k, v in self.stage_losses.items()},
+            "eval_images": None,
+            "student": cfg.model.kind,
+            "stages": self.plan.stages.boundaries,
+            "stage_final_loss": self.stage_losses,
+            "target": self.first,
+            "target_kind": cfg.target.kind,
+            "bootstrap": bool(cfg.teacher.bootstrap),
+            "teacher_seed": cfg.teacher.seed if cfg.teacher.seed is not None else self.plan.stage_seed(0),
+            "final_student": str(self.out / f"checkpoint-stage{final}-student.pth"),
+            "global_batch": cfg.optim.global_batch,
+            "lr": self.plan.lr,
+            "pretraining": self.meta()["pretraining"],  # what the final student is
+        }
 
 
-def save_stage(plan: Plan, stage: int, epoch: int, student, target, stepper) -> dict:
-    """The per-stage pair: the student (with decoder, optimiser, scaler) and the ViT teacher it learnt from
-    (none for pixel / HOG / external timm targets)."""
-    m = meta(plan, stage, target)
-    name = f"checkpoint-stage{stage}"
-    student_state = {
-        "model": student.state_dict(),
-        **stepper.state_dict(),
-        "epoch": epoch,
-        "config": to_dict(plan.cfg),
-        "meta": m,
-    }
-    paths = {f"stage{stage}_student": ckpt.save(student_state, plan.out / f"{name}-student.pth")}
-    teacher = getattr(target, "teacher", None)
-    if teacher is not None:
-        paths[f"stage{stage}_teacher"] = ckpt.save(
-            {"model": teacher.state_dict(), "meta": m}, plan.out / f"{name}-teacher.pth"
-        )
-    return {k: str(v) for k, v in paths.items()}
-
-
-def save_last(plan: Plan, env, next_epoch: int, student, target, stepper, stage_losses, skipped, first_target):
-    """checkpoint-last.pth: everything a resumed run needs to continue exactly (every rank's RNG state)."""
-    rngs = engine.gather_rng_states()
-    total_skipped = int(dist.all_reduce_sum(torch.tensor(skipped, device=env.device)).item())
-    if not env.is_main:
-        return
-    stage = plan.stages.stage_of(min(next_epoch, plan.stages.total_epochs - 1))
-    ckpt.save(
-        {
-            "model": student.state_dict(),
-            "target": target.resume_state(),
-            "stepper": stepper.state_dict(),
-            "epoch": next_epoch,
-            "stage": stage,
-            "stage_losses": stage_losses,
-            "skipped": total_skipped,
-            "rng": rngs,
-            "config": to_dict(plan.cfg),
-            "meta": {**meta(plan, stage, target), "first_target": first_target},
-        },
-        plan.out / "checkpoint-last.pth",
-    )
-
-
-def next_stage(plan: Plan, stage: int, student, target, stepper, wrap, device):
-    """The stage switch. With teacher.bootstrap the target becomes the current student's encoder (frozen);
-    otherwise the target is kept. The student is re-initialised from the stage seed; optimiser moments and
-    loss scaler carry over (released behaviour) unless stages.reset_optimizer. A student whose shape changes
-    (depth, target width) is rebuilt with a new optimiser."""
-    if plan.cfg.teacher.bootstrap:
-        teacher = frozen_copy(student, plan, stage - 1).to(device)
-        target = targets.TeacherTarget(
-            teacher,
-            final_norm=plan.cfg.teacher.final_norm,
-            **teacher_loss(plan),
-            description=f"bootstrapped: stage-{stage - 1} student",
-        ).to(device)
-    same_shape = plan.depths[stage] == plan.depths[stage - 1] and target.dim == student.decoder_pred.out_features
-    if same_shape:
-        dbot.reinitialize(student, plan.stage_seed(stage))
-    else:
-        student = build_student(plan, stage, target.dim).to(device)
-    ddp_student = wrap(student)
-    stepper.model = ddp_student
-    if not same_shape or plan.cfg.stages.reset_optimizer:
-        stepper.optimizer = build_optimizer(plan, student)
-        stepper.scaler = torch.amp.GradScaler("cuda", enabled=plan.amp == "fp16")
-    return student, target, ddp_student
+def run(cfg: DictConfig) -> dict:
+    return trainer.run(Pretrain, cfg)

@@ -6,11 +6,12 @@ On top of the pretrained encoder:
 - a relative position bias per block (BEiT's table: one value per head for every offset between two
   patches plus three cls entries), zero-initialised and trained from scratch;
 - layer scale (`blocks.N.ls1.gamma`, `ls2.gamma`), initialised to 1.0;
-- no final norm; the outputs of four blocks (B: 3, 5, 7, 11; L: 7, 11, 15, 23) are reshaped to maps and
-  brought to strides 4, 8, 16, 32 of the image by four adapters (`fpn1` .. `fpn4`, the authors' names). For
-  patch 16 they are ConvT-BN-GELU-ConvT (x4), ConvT (x2), identity, 2 x 2 max pool (/2); the authors' patch-8
-  variant is ConvT, identity, max pool 2, max pool 4; the same rule gives identity and max pools 2, 4, 8 for
-  the tiny model's 4 px patches (patch 14 uses the patch-16 adapters: strides 3.5 .. 28).
+- no final norm; the outputs of four blocks (B: 3, 5, 7, 11; L: 7, 11, 15, 23), tapped by
+  `ViT.forward_intermediates` as maps, are brought to strides 4, 8, 16, 32 of the image by four adapters
+  (`fpn1` .. `fpn4`, the authors' names). For patch 16 they are ConvT-BN-GELU-ConvT (x4), ConvT (x2),
+  identity, 2 x 2 max pool (/2); the authors' patch-8 variant is ConvT, identity, max pool 2, max pool 4; the
+  same rule gives identity and max pools 2, 4, 8 for the tiny model's 4 px patches (patch 14 uses the
+  patch-16 adapters: strides 3.5 .. 28).
 
 Parameter names follow timm plus the authors' `blocks.N.attn.relative_position_bias_table` and `fpnK`, so
 `layer_id` (block i -> i + 1, adapters -> the top layer) gives the released layer-decay groups.
@@ -19,29 +20,9 @@ Parameter names follow timm plus the authors' `blocks.N.attn.relative_position_b
 from __future__ import annotations
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
-from core.vit import ViT
-
-
-def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
-    """`[1 + L, 1 + L]` indices into a table of `(2 gh - 1)(2 gw - 1) + 3` rows (BEiT's layout): patch pairs
-    index their offset `(dy + gh - 1) * (2 gw - 1) + (dx + gw - 1)`; the last three rows are cls -> patch,
-    patch -> cls and cls -> cls."""
-    gh, gw = grid
-    n_rel = (2 * gh - 1) * (2 * gw - 1)
-    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    dy = ys[:, None] - ys[None, :] + gh - 1  # [L, L]
-    dx = xs[:, None] - xs[None, :] + gw - 1
-    index = torch.empty(gh * gw + 1, gh * gw + 1, dtype=torch.long)
-    index[1:, 1:] = dy * (2 * gw - 1) + dx
-    index[0, 1:] = n_rel
-    index[1:, 0] = n_rel + 1
-    index[0, 0] = n_rel + 2
-    return index
-
+from core.vit import ViT, relative_position_bias, relative_position_index
 
 # scale factor of each adapter relative to the token grid, by patch size (outputs at strides 4, 8, 16, 32)
 ADAPTER_FACTORS = {16: (4, 2, 1, 0.5), 14: (4, 2, 1, 0.5), 8: (2, 1, 0.5, 0.25), 4: (1, 0.5, 0.25, 0.125)}
@@ -69,8 +50,8 @@ class SegViT(ViT):
     `self.strides` (4, 8, 16, 32).
 
     out_indices: the blocks whose outputs are tapped (0-based). layer_scale: init value of the per-block
-    layer scale (None: none). rel_pos_bias: per-block relative position bias. grad_checkpointing: recompute
-    block activations in the backward pass (saves memory for ViT-L).
+    layer scale (None: none). rel_pos_bias: per-block relative position bias (`core.vit.relative_position_bias`).
+    grad_checkpointing: recompute block activations in the backward pass (saves memory for ViT-L).
     """
 
     def __init__(
@@ -82,11 +63,10 @@ class SegViT(ViT):
         grad_checkpointing: bool = False,
         **arch,
     ):
-        super().__init__(init_values=layer_scale, final_norm=False, **arch)
+        super().__init__(init_values=layer_scale, final_norm=False, grad_checkpointing=grad_checkpointing, **arch)
         if len(out_indices) != 4 or not all(0 <= i < len(self.blocks) for i in out_indices):
             raise ValueError(f"out_indices must be 4 block indices in [0, {len(self.blocks)}), got {list(out_indices)}")
         self.out_indices = tuple(int(i) for i in out_indices)
-        self.grad_checkpointing = grad_checkpointing
         dim = self.embed_dim
         if rel_pos_bias:
             gh, gw = self.grid_size
@@ -107,30 +87,13 @@ class SegViT(ViT):
     def out_channels(self) -> list[int]:
         return [self.embed_dim] * 4
 
-    def block_bias(self, i: int) -> torch.Tensor | None:
-        """Block i's relative position bias `[1, heads, 1 + L, 1 + L]`, added to its attention logits."""
+    def block_biases(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        """Each block's relative position bias `[1, heads, 1 + L, 1 + L]`, added to its attention logits."""
         if not self.rel_pos_bias:
-            return None
-        table = self.blocks[i].attn.relative_position_bias_table
-        t = self.relative_position_index.shape[0]
-        # index_select, not table[index]: the backward of advanced indexing accumulates in a varying order on
-        # CPU, which would break bit-exact resume
-        rows = table.index_select(0, self.relative_position_index.flatten())  # [(1 + L)^2, heads]
-        return rows.reshape(t, t, -1).permute(2, 0, 1).unsqueeze(0)
+            return [None] * len(self.blocks)
+        index = self.relative_position_index
+        return [relative_position_bias(blk.attn.relative_position_bias_table, index) for blk in self.blocks]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        n = x.shape[0]
-        gh, gw = self.grid_size
-        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]  # [N, L, D] (the patch embed checks H, W)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1)
-        tokens = self.pos_drop(torch.cat([cls, tokens], dim=1))  # [N, 1 + L, D]
-        maps = []
-        for i, blk in enumerate(self.blocks):
-            bias = self.block_bias(i)
-            if self.grad_checkpointing and self.training:
-                tokens = torch.utils.checkpoint.checkpoint(blk, tokens, bias, use_reentrant=False)
-            else:
-                tokens = blk(tokens, attn_mask=bias)
-            if i in self.out_indices:
-                maps.append(tokens[:, 1:].transpose(1, 2).reshape(n, -1, gh, gw))  # [N, D, gh, gw]
+        maps = self.forward_intermediates(x, self.out_indices, intermediates_only=True)  # [N, D, gh, gw] each
         return [adapt(m) for adapt, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]

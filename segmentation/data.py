@@ -22,7 +22,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from core.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DataError, open_rgb, sample_seed, seeded
+from core.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    DataError,
+    Skipped,
+    decode_skipping,
+    open_rgb,
+    sample_seed,
+    seeded,
+    with_skipped,
+)
 from segmentation.classes import ADE20K_CLASSES
 
 IGNORE = 255
@@ -83,7 +94,7 @@ def read_label(path: str | os.PathLike, num_classes: int) -> np.ndarray:
         with Image.open(path) as im:
             mode, label = im.mode, np.asarray(im)
     except (OSError, ValueError, SyntaxError) as e:
-        raise CorruptImageError(f"{path}: cannot decode label map ({type(e).__name__}: {e})") from None
+        raise CorruptImageError(f"{path}: cannot decode label map ({type(e).__name__}: {e})", path) from None
     if label.ndim != 2:
         raise DataError(f"{path}: label maps must have one channel (mode L or P), found mode {mode}")
     bad = np.unique(label[(label < 0) | (label > num_classes)])
@@ -100,13 +111,23 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def check_labels(pairs: list[tuple[Path, Path]], num_classes: int, rank: int = 0, world: int = 1, workers: int = 8):
-    """Decode this rank's share of the label maps and return the problems found (one line each)."""
+def check_labels(
+    pairs: list[tuple[Path, Path]],
+    num_classes: int,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 8,
+    skip_corrupt: bool = False,
+):
+    """Decode this rank's share of the label maps and return the problems found (one line each); with
+    `skip_corrupt` an undecodable one is not a problem here (it is skipped and counted when it is read)."""
     mine = [ann for _, ann in pairs[rank::world]]
 
     def one(path):
         try:
             read_label(path, num_classes)
+        except CorruptImageError as e:
+            return None if skip_corrupt else str(e)
         except DataError as e:
             return str(e)
         return None
@@ -230,8 +251,9 @@ class ADE20K(Dataset):
 
     Training (`pipeline` given): `dataset[(epoch, i)]` -> `(image [3, c, c], label [c, c])`.
     Evaluation (`pipeline` None): `dataset[i]` -> `(image uint8 [3, H, W], label uint8 [H, W] reduced, i)`
-    at the original size. With `skip_corrupt` an undecodable image or label gives None (dropped by
-    `core.data.collate_skip`) instead of an error; label values out of range are always an error.
+    at the original size. With `skip_corrupt` an undecodable image or label is skipped as every task skips it
+    (`core.data.Skipped`: replaced by the next decodable pair in training, left out of evaluation); label
+    values out of range are always an error.
     """
 
     def __init__(
@@ -251,26 +273,24 @@ class ADE20K(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def load(self, index: int):
+    def decode(self, index: int):
         img_path, ann_path = self.pairs[index]
-        try:
-            img = open_rgb(img_path)
-            label = read_label(ann_path, self.num_classes)
-        except CorruptImageError:
-            if self.skip_corrupt:
-                return None
-            raise
+        img = open_rgb(img_path)
+        label = read_label(ann_path, self.num_classes)
         if label.shape != (img.height, img.width):
             raise DataError(f"{ann_path}: label map is {label.shape[1]}x{label.shape[0]} but {img_path} is {img.size}")
         return img, reduce_zero_label(label)
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        item = self.load(index)
+        train = self.pipeline is not None
+        item, files = decode_skipping(self.decode, index, len(self), skip=self.skip_corrupt, replace=train)
         if item is None:
-            return None
+            return Skipped(files)
         img, label = item
-        if self.pipeline is None:
-            return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), torch.from_numpy(label), index
-        with seeded(sample_seed(self.seed, epoch, index)):
-            return self.pipeline(img, label)
+        if not train:
+            sample = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), torch.from_numpy(label), index
+        else:
+            with seeded(sample_seed(self.seed, epoch, index)):
+                sample = self.pipeline(img, label)
+        return with_skipped(sample, files)

@@ -139,7 +139,7 @@ def predict_image(
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, num_classes: int, device, autocast, progress=None, **inference) -> dict:
+def evaluate(model, loader, *, num_classes: int, device, autocast, **inference) -> dict:
     """mIoU / mAcc / aAcc (percent) and per-class IoU / Acc over the loader's shard, summed across ranks.
 
     model: the unwrapped Segmentor (never the DDP wrapper: ranks see different numbers of images).
@@ -161,7 +161,5 @@ def evaluate(model, loader, *, num_classes: int, device, autocast, progress=None
         probs = predict_image(predict, image.to(device), num_classes=num_classes, **inference)
         areas += intersect_and_union(probs.argmax(0), label.to(device).long(), num_classes)
         stats[0] += 1
-        if progress is not None:
-            progress()
     areas, stats = dist.all_reduce_sum(areas), dist.all_reduce_sum(stats)
     return {**metrics_from_areas(areas), "images": int(stats[0]), "skipped": int(stats[1])}

@@ -2,7 +2,7 @@
 
 `forward(images, labels)` is the training step's loss (what DDP wraps); `predict(images)` gives logits at
 the input resolution for inference (mmseg's `encode_decode`). Weights come from any checkpoint
-`tools.convert.read_backbone` reads; the position embedding is resized to the segmentation grid once, at
+`core.weights.read_backbone` reads; the position embedding is resized to the segmentation grid once, at
 load. What the checkpoint cannot provide (relative position tables, layer scale, adapters, heads) keeps its
 initial value and is listed in the load report.
 """
@@ -15,9 +15,9 @@ from torch import nn
 
 from core import checkpoint as ckpt
 from core.vit import preset
+from core.weights import read_backbone, shape_adapters
 from segmentation.backbone import SegViT
 from segmentation.upernet import FCNHead, UPerHead, resize
-from tools.convert import read_backbone, shape_adapters
 
 IGNORE = 255
 # parameters a pretraining checkpoint does not have: they start from their initial values

@@ -64,7 +64,9 @@ PRETRAIN_MICRO = [
 
 def pretrain_config(data_root: Path, out: Path, *overrides: str):
     base = [f"data.root={data_root}", f"out={out}", *PRETRAIN_MICRO]
-    return load_config(REPO / "pretrain" / "configs", "tiny", base + list(overrides))
+    from pretrain.schema import PretrainConfig
+
+    return load_config(REPO / "pretrain" / "configs", "tiny", base + list(overrides), schema=PretrainConfig)
 
 
 def finetune_config(data_root: Path, out: Path, *overrides: str):
@@ -81,7 +83,9 @@ def finetune_config(data_root: Path, out: Path, *overrides: str):
         "optim.warmup_epochs=0.5",
         "log.tensorboard=false",
     ]
-    return load_config(REPO / "finetune" / "configs", "tiny", base + list(overrides))
+    from finetune.schema import FinetuneConfig
+
+    return load_config(REPO / "finetune" / "configs", "tiny", base + list(overrides), schema=FinetuneConfig)
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +124,9 @@ def detection_config(data_root: Path, out: Path, *overrides: str):
         "log.save_every=3",
         "log.tensorboard=false",
     ]
-    return load_config(REPO / "detection" / "configs", "tiny", base + list(overrides))
+    from detection.schema import DetectionConfig
+
+    return load_config(REPO / "detection" / "configs", "tiny", base + list(overrides), schema=DetectionConfig)
 
 
 @pytest.fixture(scope="session")
@@ -148,7 +154,9 @@ def segmentation_config(data_root: Path, out: Path, *overrides: str):
         "log.save_every=2",
         "log.tensorboard=false",
     ]
-    return load_config(REPO / "segmentation" / "configs", "tiny", base + list(overrides))
+    from segmentation.schema import SegmentationConfig
+
+    return load_config(REPO / "segmentation" / "configs", "tiny", base + list(overrides), schema=SegmentationConfig)
 
 
 @pytest.fixture

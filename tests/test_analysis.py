@@ -209,9 +209,10 @@ def test_uniform_attention_on_vit_b_matches_the_authors_random_teacher():
     # ViT-B/16 at 224 (cls + 14 x 14): a head attending uniformly sits at 115.9 px, the level of every head of
     # the random teacher ("random-0th") in the authors' attention-distance figure (.github/avd.png, ~115)
     assert analysis.uniform_attention_distance((14, 14), 16) == pytest.approx(115.90, abs=0.01)
-    probs = torch.full((1, 1, 197, 197), 1 / 197)
-    direct = analysis.mean_attention_distance(probs, analysis.distance_matrix((14, 14), 16)).item()
-    assert direct == pytest.approx(analysis.uniform_attention_distance((14, 14), 16))
+    # the same figure by plain arithmetic: each query gives 1/197 of the summed pixel distance to the 196 patches
+    cells = [(r, c) for r in range(14) for c in range(14)]
+    by_hand = sum(16 * math.dist(q, k) for q in cells for k in cells) / 197 / 196
+    assert analysis.uniform_attention_distance((14, 14), 16) == pytest.approx(by_hand, rel=1e-7)  # cdist: via matmul
 
 
 def test_replot_merges_earlier_results(tmp_path):

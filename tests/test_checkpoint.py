@@ -35,7 +35,7 @@ def test_load_refuses_pickled_code_and_names_the_file(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": {"w": torch.ones(1)}, "x": Evil()}, f)
-    with pytest.raises(ckpt.CheckpointError, match="evil.pth: cannot be loaded with weights_only"):
+    with pytest.raises(ckpt.CheckpointError, match="evil.pth: holds objects that cannot be loaded with weights_only"):
         ckpt.load(path)
 
 

@@ -34,3 +34,26 @@ def test_overrides_and_errors():
 def test_every_recipe_starts_with_the_command_that_runs_it(recipe):
     first = (PRETRAIN / f"{recipe}.yaml").read_text().splitlines()[0]
     assert first.startswith("#") and ("make pretrain" in first or "python -m pretrain" in first)
+
+
+def leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "detection", "segmentation"])
+def test_recipes_hold_only_their_differences_from_the_defaults(task):
+    """README: each recipe holds only its differences from default.yaml, which documents every option."""
+    from omegaconf import OmegaConf
+
+    configs = REPO / task / "configs"
+    defaults = dict(leaves(OmegaConf.to_container(OmegaConf.load(configs / "default.yaml"))))
+    for path in sorted(configs.glob("*.yaml")):
+        if path.name == "default.yaml":
+            continue
+        recipe = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        restated = [k for k, v in leaves(recipe) if k in defaults and defaults[k] == v]
+        assert not restated, f"{path.relative_to(REPO)} restates defaults: {restated}"

@@ -108,19 +108,43 @@ def test_depth0_teacher_is_patch_and_position_embedding_only():
     assert torch.allclose(tokens, expect.detach())
 
 
-def test_bootstrap_copies_encoder_and_reinitialises_student():
+def test_stage_switch_copies_encoder_and_reinitialises_student_in_place():
     student = tiny_student()
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.1)  # pretend it trained
     trained = dbot.encoder_state(student)
-    teacher = dbot.bootstrap(student, preset("tiny"), stage_seed=11)
-    for k, v in teacher.state_dict().items():
+    first = dbot.TeacherTarget(dbot.make_teacher(preset("tiny")))
+    params = list(student.parameters())
+    same, target, rebuilt = dbot.next_stage(
+        student, first, 1, seed=11, depth=4, bootstrap=True, build_student=None, final_norm=False
+    )
+    assert same is student and not rebuilt and all(a is b for a, b in zip(params, student.parameters()))
+    assert isinstance(target, dbot.TeacherTarget) and target.teacher is not first.teacher
+    for k, v in target.teacher.state_dict().items():
         assert torch.equal(v, trained[k]), k
     fresh = tiny_student()
     fresh.initialize_weights(torch.Generator().manual_seed(11))
     for (k, v), w in zip(student.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(v, w), k
+    # another depth (or teacher width) rebuilds the student; without bootstrapping the target stays
+    built = []
+    other, kept, rebuilt = dbot.next_stage(
+        student, target, 2, seed=12, depth=2, bootstrap=False,
+        build_student=lambda d, dim: built.append((d, dim)) or tiny_student(dim, depth=d),
+    )  # fmt: skip
+    assert rebuilt and kept is target and built == [(2, 96)] and len(other.blocks) == 2
+
+
+def test_make_teacher_refuses_weights_it_would_drop():
+    student = tiny_student()
+    sd = dbot.encoder_state(student)
+    sd["blocks.0.ls1.gamma"] = torch.ones(96)  # a layer-scaled encoder: a plain ViT teacher would lose it
+    with pytest.raises(ValueError, match="not used.*ls1.gamma"):
+        dbot.make_teacher(preset("tiny"), sd)
+    del sd["blocks.0.ls1.gamma"], sd["norm.weight"]
+    with pytest.raises(ValueError, match="missing.*norm.weight"):
+        dbot.make_teacher(preset("tiny"), sd)
 
 
 def test_stages_validation_and_lookup():

@@ -152,7 +152,10 @@ def test_finetune_from_pretrained_writes_results(tiny_imagenet, tiny_pretrained,
     res = run(finetune_config(tiny_imagenet, tmp_path / "ft", f"checkpoint={tiny_pretrained}"))
     saved = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert saved["task"] == "finetune" and saved["checkpoint"] == str(tiny_pretrained)
-    assert saved["checkpoint_sha256"] and 0 <= saved["top1"] <= 100 and saved["top5"] >= saved["top1"]
+    m = saved["metrics"]
+    assert (
+        saved["checkpoint_sha256"] and 0 <= m["top1"] <= 100 and m["top5"] >= m["top1"] and saved["eval_images"] == 16
+    )
     assert res["num_classes"] == 4 and (tmp_path / "ft" / "checkpoint-best.pth").exists()
     # the encoder started from the pretrained weights: fine-tuning moved them, but not far in 2 epochs
     pre = ckpt.load(tiny_pretrained)["model"]["blocks.0.attn.qkv.weight"]
@@ -203,13 +206,14 @@ def test_val_classes_differing_from_train(tiny_imagenet, tmp_path):
     root = tmp_path / "d"
     shutil.copytree(tiny_imagenet, root)
     (root / "val" / "square").rename(root / "val" / "squares")
-    with pytest.raises(ConfigError, match="train and val class folders differ.*only in val: \\['squares'\\]"):
+    with pytest.raises(DataError, match="train and val class folders differ.*only in val: \\['squares'\\]"):
         run(finetune_config(root, tmp_path / "o"))
 
 
 def test_wrong_model_size_fails_before_the_data_is_read(tiny_pretrained, tmp_path):
-    # the data folder does not even exist: the checkpoint is checked first
-    cfg = finetune_config(tmp_path / "absent", tmp_path / "o", f"checkpoint={tiny_pretrained}", "model.size=small")
+    # the data folder holds no dataset: the checkpoint is checked before the data is listed
+    (tmp_path / "empty").mkdir()
+    cfg = finetune_config(tmp_path / "empty", tmp_path / "o", f"checkpoint={tiny_pretrained}", "model.size=small")
     with pytest.raises(ckpt.CheckpointError, match="does not fit a ViT-small \\(the weights look like ViT-tiny\\)"):
         run(cfg)
 
@@ -240,7 +244,7 @@ def test_inat_category_ids_out_of_range_are_named(tmp_path):
 
 
 def test_unknown_dataset_kind(tiny_imagenet, tmp_path):
-    with pytest.raises(ConfigError, match="unknown dataset 'mnist'"):
+    with pytest.raises(ConfigError, match="data.kind='mnist': expected one of imagenet, folder, cifar10"):
         run(finetune_config(tiny_imagenet, tmp_path / "o", "data.kind=mnist"))
-    with pytest.raises(ConfigError, match="does not hold the cifar100 release"):
+    with pytest.raises(DataError, match="does not hold the cifar100 release"):
         run(finetune_config(tiny_imagenet, tmp_path / "o", "data.kind=cifar100"))

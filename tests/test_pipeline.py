@@ -28,7 +28,7 @@ def test_tiny_chain_end_to_end(tiny_imagenet, tiny_coco, tiny_ade20k, tmp_path):
         *common,
     )
     student = pre / "checkpoint-stage1-student.pth"
-    assert json.loads((pre / "results.json").read_text())["checkpoint"] == str(student)
+    assert json.loads((pre / "results.json").read_text())["final_student"] == str(student)
 
     out = cli("tools.convert", str(student), str(tmp_path / "timm.pth"), "--to", "timm", "--model", "tiny")
     assert "dbot-suite/pretrain/v1" in out
@@ -48,7 +48,7 @@ def test_tiny_chain_end_to_end(tiny_imagenet, tiny_coco, tiny_ade20k, tmp_path):
         *common,
     )
     res = json.loads((ft / "results.json").read_text())
-    assert res["task"] == "finetune" and 0 <= res["top1"] <= 100
+    assert res["task"] == "finetune" and 0 <= res["metrics"]["top1"] <= 100
 
     coco = tmp_path / "coco"
     cli(
@@ -66,7 +66,7 @@ def test_tiny_chain_end_to_end(tiny_imagenet, tiny_coco, tiny_ade20k, tmp_path):
         *common,
     )
     res = json.loads((coco / "results.json").read_text())
-    assert res["task"] == "coco" and "AP" in res["bbox"] and "AP" in res["segm"]
+    assert res["task"] == "coco" and "bbox_AP" in res["metrics"] and "segm_AP" in res["metrics"]
 
     ade = tmp_path / "ade20k"
     cli(
@@ -85,7 +85,7 @@ def test_tiny_chain_end_to_end(tiny_imagenet, tiny_coco, tiny_ade20k, tmp_path):
         *common,
     )
     res = json.loads((ade / "results.json").read_text())
-    assert res["task"] == "ade20k" and 0 <= res["mIoU"] <= 100
+    assert res["task"] == "ade20k" and 0 <= res["metrics"]["mIoU"] <= 100
 
     # the row of the pretraining run holds the COCO and ADE20K cells; fine-tuning started from the converted
     # timm file, which no run folder produced, so its top-1 sits in a row of unknown teacher
@@ -113,7 +113,9 @@ def test_demo_recipes_reach_their_targets(tmp_path):
     cli("detection", "-c", "tiny", f"data.root={data / 'coco'}", start, f"out={runs / 'coco'}")
     cli("segmentation", "-c", "tiny", f"data.root={data / 'ade20k'}", start, f"out={runs / 'ade20k'}")
     result = {t: json.loads((runs / t / "results.json").read_text()) for t in ("finetune", "coco", "ade20k")}
-    assert result["finetune"]["top1"] > 25  # 10 balanced classes: chance is 10
-    assert result["coco"]["bbox"]["AP"] > 10 and result["coco"]["segm"]["AP"] > 10  # "clearly above zero"
-    assert result["ade20k"]["mIoU"] > 20  # chance (uniform guesses over 8 classes) is about 7
+    assert result["finetune"]["metrics"]["top1"] > 25  # 10 balanced classes: chance is 10
+    assert (
+        result["coco"]["metrics"]["bbox_AP"] > 10 and result["coco"]["metrics"]["segm_AP"] > 10
+    )  # "clearly above zero"
+    assert result["ade20k"]["metrics"]["mIoU"] > 20  # chance (uniform guesses over 8 classes) is about 7
     assert "| ViT-tiny/4 |" in cli("tools.table", "--runs", str(runs))

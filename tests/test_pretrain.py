@@ -166,7 +166,7 @@ def test_wider_teacher_from_a_checkpoint_trains(tiny_imagenet, tmp_path):
     assert student["cls_token"].shape[-1] == 48 and student["decoder_pred.weight"].shape[0] == 96
     losses = [r["loss"] for r in metrics(out)]
     assert losses[-1] < 0.8 * losses[0]
-    assert "checkpoint" in res["teacher"]
+    assert "checkpoint" in res["target"] and "teacher" not in res  # the first target once
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -193,7 +193,7 @@ def test_bad_config_fails_before_compute(tiny_imagenet, tmp_path, overrides, err
 
 
 def test_missing_data_folder(tmp_path):
-    with pytest.raises(ConfigError, match="data.root: folder .*nowhere does not exist"):
+    with pytest.raises(ConfigError, match="data.root=.*nowhere: no such folder"):
         run(pretrain_config(tmp_path / "nowhere", tmp_path / "o"))
 
 
@@ -219,7 +219,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tiny_imagenet, tmp_path):
     with pytest.raises(CorruptImageError, match="circle_00003.jpg"):
         run(pretrain_config(root, tmp_path / "o1", "stages.epochs=[0,1]"))
     res = run(pretrain_config(root, tmp_path / "o2", "stages.epochs=[0,1]", "data.skip_corrupt=true"))
-    assert res["skipped_images"] == 1
+    assert res["corrupt_images"]["train"] == {"count": 1, "files": [str(bad)]}
 
 
 def test_teacher_checkpoint_that_does_not_fit(tiny_imagenet, tmp_path):
@@ -243,3 +243,43 @@ def test_resume_from_another_model_is_refused(uninterrupted, tiny_imagenet, tmp_
             )
         )
     assert no_outputs(tmp_path / "o")
+
+
+# ------------------------------------------------------------------------------------------- first teacher
+def test_first_teacher_is_the_students_initial_encoder_for_both_student_kinds(tiny_imagenet, tmp_path):
+    """The released random teacher (`teacher.init_depth` set, as the base recipe does) computes exactly what the
+    student's initial encoder computes; for the BEiT-style student that includes layer scale and the shared
+    relative position bias (a plain ViT copy would drop them)."""
+    from pretrain.train import first_target
+
+    x = torch.randn(2, 3, 32, 32)
+    for extra in ([], ["model.kind=beit", "model.masking=block", "model.mask_ratio=0.4"]):
+        cfg = pretrain_config(tiny_imagenet, tmp_path / "o", "teacher.init_depth=4", *extra)
+        student, target = first_target(Plan(cfg, _cpu_env()), 0)
+        student.eval()
+        with torch.no_grad():
+            tokens = target.teacher.forward_tokens(x, final_norm=False)
+            assert torch.allclose(tokens, student.forward_tokens(x, final_norm=False), atol=1e-6, rtol=0)
+        if extra:
+            assert target.teacher.blocks[0].ls1.gamma.eq(0.1).all() and target.teacher.rel_pos_bias is not None
+
+
+def test_random_first_teacher_follows_width_overrides(tiny_imagenet, tmp_path):
+    """model.embed_dim / num_heads change the student and its random first teacher alike (the head predicts the
+    teacher's 48 channels), instead of a size-mismatch error."""
+    out = tmp_path / "narrow"
+    run(pretrain_config(tiny_imagenet, out, "model.embed_dim=48", "model.num_heads=2", "stages.epochs=[0,1,2]"))
+    student = ckpt.load(out / "checkpoint-stage0-student.pth")["model"]
+    teacher = ckpt.load(out / "checkpoint-stage0-teacher.pth")["model"]
+    assert student["decoder_pred.weight"].shape[0] == teacher["cls_token"].shape[-1] == 48
+
+
+def test_resumed_run_logs_each_step_once_and_lists_every_checkpoint(tiny_imagenet, tmp_path):
+    out = tmp_path / "r"
+    run(pretrain_config(tiny_imagenet, out, "max_epochs=1"))
+    with open(out / "metrics.jsonl", "a") as f:  # lines a killed run wrote after its last checkpoint
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + json.dumps({"step": 6, "loss": 1.0}) + "\n")
+    res = run(pretrain_config(tiny_imagenet, out))
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == sorted(set(steps)) and steps == list(range(1, 9)), steps
+    assert {"stage0_student", "stage0_teacher", "stage1_student", "stage1_teacher", "last"} <= set(res["checkpoints"])

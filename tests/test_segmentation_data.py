@@ -2,13 +2,14 @@
 (geometry shared by image and label, padding with ignore, cat_max_ratio, seeded randomness)."""
 
 import shutil
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from core.data import CorruptImageError, DataError
+from core.data import CorruptImageError, DataError, Skipped
 from segmentation.classes import ADE20K_CLASSES
 from segmentation.data import (
     ADE20K,
@@ -92,8 +93,10 @@ def test_corrupt_files_are_named_or_skipped(tiny_ade20k, tmp_path):
         ds[0]
     with pytest.raises(CorruptImageError, match="ADE_val_00000002.png: cannot decode label map"):
         ds[1]
-    skipping = ADE20K(root, "val", 8, skip_corrupt=True)
-    assert skipping[0] is None and skipping[1] is None and skipping[2] is not None
+    skipping = ADE20K(root, "val", 8, skip_corrupt=True)  # evaluation: left out, named
+    assert skipping[0] == Skipped(((str(root / "images" / "validation" / "ADE_val_00000001.jpg"), ANY),))
+    assert skipping[1].sample is None and skipping[1].files[0][0].endswith("ADE_val_00000002.png")
+    assert not isinstance(skipping[2], Skipped)
 
 
 def test_label_and_image_of_different_sizes(tiny_ade20k, tmp_path):

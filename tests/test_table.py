@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
+from core import checkpoint as ckpt
+from core import weights
 from core.monitor import file_sha256
 from tools import table
 
@@ -35,13 +38,15 @@ def cfg(**over) -> dict:
 
 
 def pretrain_run(runs, name, config, stages=2, **fields):
-    """A pretraining run folder: config.yaml, stage checkpoints (small files), results.json."""
+    """A pretraining run folder: config.yaml, stage checkpoints (small suite files: meta and config, no
+    weights), results.json."""
     folder = runs / name
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     ckpts = {}
     for s in range(stages):
-        (folder / f"checkpoint-stage{s}-student.pth").write_bytes(f"{name} student {s}".encode())
+        meta = {"format": "dbot-suite/pretrain/v1", "stage": s}
+        ckpt.save({"model": {}, "meta": meta, "config": config}, folder / f"checkpoint-stage{s}-student.pth")
         ckpts[f"stage{s}_student"] = f"runs/{name}/checkpoint-stage{s}-student.pth"
     res = {
         "task": "pretrain",
@@ -56,12 +61,34 @@ def pretrain_run(runs, name, config, stages=2, **fields):
     return folder
 
 
-def downstream(runs, name, task, checkpoint, finished="2026-01-02T00:00:00+0000", config=None, **fields):
+AUTO = object()
+
+
+def downstream(runs, name, task, checkpoint, finished="2026-01-02T00:00:00+0000", config=None, metrics=None, **fields):
+    """A downstream run's results.json in the contract every task writes: `pretraining` and `checkpoint_sha256`
+    of the checkpoint as the task records them (paths relative to the folder above runs/), unless given."""
     folder = runs / name
     folder.mkdir(parents=True)
     if config is not None:
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    res = {"task": task, "checkpoint": checkpoint, "git_commit": "d" * 40, "finished_at": finished, **fields}
+    file = runs.parent / checkpoint if checkpoint else None
+    exists = file is not None and file.is_file()
+    res = {
+        "task": task,
+        "model": fields.pop("model", None),
+        "dataset": fields.pop("dataset", "data"),
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": fields.pop("checkpoint_sha256", file_sha256(file) if exists else None),
+        "pretraining": fields.pop("pretraining", weights.pretraining_setting(file) if exists else None),
+        "metrics": metrics if metrics is not None else {},
+        "eval_images": 8,
+        "checkpoints": {},
+        "config": str(folder / "config.yaml"),
+        "git_commit": "d" * 40,
+        "host": "test",
+        "finished_at": finished,
+        **fields,
+    }
     (folder / "results.json").write_text(json.dumps(res))
     return folder
 
@@ -72,12 +99,17 @@ def runs(tmp_path):
     r = tmp_path / "runs"
     pretrain_run(r, "pretrain-base", cfg())
     ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
-    downstream(r, "finetune-base", "finetune", ck, model="base", top1=84.31, top5=96.9)
-    downstream(r, "coco-base", "coco", ck, model="base", bbox={"AP": 52.0, "AP50": 70.0}, segm={"AP": 46.1})
-    downstream(r, "ade20k-base", "ade20k", ck, model="base", mIoU=49.9, mAcc=60.0, aAcc=83.0)
+    downstream(r, "finetune-base", "finetune", ck, model="base", metrics={"top1": 84.31, "top5": 96.9})
+    downstream(r, "coco-base", "coco", ck, model="base", metrics={"bbox_AP": 52.0, "bbox_AP50": 70.0, "segm_AP": 46.1})
+    downstream(r, "ade20k-base", "ade20k", ck, model="base", metrics={"mIoU": 49.9, "mAcc": 60.0, "aAcc": 83.0})
     pretrain_run(r, "pretrain-tiny", cfg(**{"model.size": "tiny"}, **{"stages.epochs": [0, 6, 12]}))
     downstream(
-        r, "finetune-tiny", "finetune", "runs/pretrain-tiny/checkpoint-stage1-student.pth", model="tiny", top1=61.2
+        r,
+        "finetune-tiny",
+        "finetune",
+        "runs/pretrain-tiny/checkpoint-stage1-student.pth",
+        model="tiny",
+        metrics={"top1": 61.2},
     )
     return r
 
@@ -116,7 +148,7 @@ def md_line(t: table.Table, student: str, teacher: str) -> list[str]:
     ],
 )
 def test_teacher_labels(over, stage, expected):
-    assert table.teacher_label(cfg(**over), stage) == expected
+    assert table.teacher_label(weights.setting_from_config(cfg(**over), stage)) == expected
 
 
 def test_student_names():
@@ -166,13 +198,18 @@ def test_malformed_files_are_named_and_skipped(runs):
     (runs / "broken" / "results.json").write_text("{not json")
     (runs / "list").mkdir()
     (runs / "list" / "results.json").write_text("[1, 2]")
-    downstream(runs, "no-task", None, "x.pth", top1=1.0)
-    downstream(runs, "nan", "finetune", "runs/pretrain-base/checkpoint-stage1-student.pth", top1=float("nan"))
-    downstream(runs, "text", "ade20k", "runs/pretrain-base/checkpoint-stage1-student.pth", mIoU="high")
-    downstream(runs, "nometric", "coco", "runs/pretrain-base/checkpoint-stage1-student.pth", bbox={"AP50": 3.0})
+    downstream(runs, "no-task", None, "x.pth", metrics={"top1": 1.0})
+    downstream(
+        runs, "nan", "finetune", "runs/pretrain-base/checkpoint-stage1-student.pth", metrics={"top1": float("nan")}
+    )
+    downstream(runs, "text", "ade20k", "runs/pretrain-base/checkpoint-stage1-student.pth", metrics={"mIoU": "high"})
+    downstream(runs, "nometric", "coco", "runs/pretrain-base/checkpoint-stage1-student.pth", metrics={"bbox_AP50": 3.0})
+    (runs / "old-shape").mkdir()  # fields at the top level, as before the contract: no aliases are read
+    (runs / "old-shape" / "results.json").write_text(json.dumps({"task": "finetune", "top1": 80.0, "checkpoint": None}))
     t = table.make_table(runs)
     text = "\n".join(t.warnings)
-    for name in ("broken", "list", "no-task", "nan", "text", "nometric"):
+    assert "no 'metrics' object" in text
+    for name in ("broken", "list", "no-task", "nan", "text", "nometric", "old-shape"):
         assert str(runs / name / "results.json") in text, name
     assert "JSONDecodeError" in text and "no 'task' field" in text and "is not a number" in text
     # the rest is still tabulated, unchanged by the bad files
@@ -183,8 +220,10 @@ def test_malformed_files_are_named_and_skipped(runs):
 
 def test_duplicates_newest_shown_with_note_or_all(runs):
     ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
-    downstream(runs, "finetune-base-rerun", "finetune", ck, finished="2026-02-01T00:00:00+0000", top1=84.55)
-    downstream(runs, "finetune-base-old", "finetune", ck, finished="2025-12-01T00:00:00+0000", top1=83.9)
+    downstream(
+        runs, "finetune-base-rerun", "finetune", ck, finished="2026-02-01T00:00:00+0000", metrics={"top1": 84.55}
+    )
+    downstream(runs, "finetune-base-old", "finetune", ck, finished="2025-12-01T00:00:00+0000", metrics={"top1": 83.9})
     t = table.make_table(runs)
     b = row(t, "ViT-B/16", "ViT-B (bootstrapped)")
     assert [c.value for c in b.cells["in1k"]] == [84.55, 84.31, 83.9]  # newest first, none merged
@@ -205,8 +244,8 @@ def test_provenance_of_each_cell(runs):
     assert set(prov) == {"IN-1K top-1", "COCO box AP", "COCO mask AP", "ADE20K mIoU"}
     ck = runs / "pretrain-base" / "checkpoint-stage1-student.pth"
     p = prov["COCO box AP"]
-    assert p["run"] == str(runs / "coco-base") and p["field"] == "bbox.AP"
-    assert p["checkpoint_sha256"] == file_sha256(ck)  # no checkpoint_sha256 in the file: hashed here
+    assert p["run"] == str(runs / "coco-base") and p["field"] == "bbox_AP"
+    assert p["checkpoint_sha256"] == file_sha256(ck)
     assert p["commit"] == "d" * 40 and p["pretrain_commit"] == "p" * 40
     assert p["pretrain_run"] == str(ck.parent) and "stage-1 student" in p["row_from"]
     assert table.to_json(t)["rows"][0]["in1k"]["paper_source"] == "dbot_readme"
@@ -215,7 +254,9 @@ def test_provenance_of_each_cell(runs):
 def test_recorded_sha_is_kept_and_contradicting_file_not_used(runs, tmp_path):
     t = table.make_table(runs)
     ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
-    downstream(runs, "moved", "finetune", "/cluster/x/" + ck, checkpoint_sha256="0" * 16, model="base", top1=80.0)
+    downstream(
+        runs, "moved", "finetune", "/cluster/x/" + ck, checkpoint_sha256="0" * 16, model="base", metrics={"top1": 80.0}
+    )
     t = table.make_table(runs)
     assert any("differs from the recorded 0000000000000000" in w for w in t.warnings)
     r = row(t, "ViT-B/16", "?")  # not placed in the dBOT row on a contradicting hash
@@ -225,49 +266,60 @@ def test_recorded_sha_is_kept_and_contradicting_file_not_used(runs, tmp_path):
 def test_runs_copied_from_another_machine_are_found_by_folder_and_file(runs):
     sha = file_sha256(runs / "pretrain-base" / "checkpoint-stage0-student.pth")
     ck = "/cluster/x/runs/pretrain-base/checkpoint-stage0-student.pth"
-    downstream(runs, "finetune-stage0", "finetune", ck, checkpoint_sha256=sha, model="base", top1=70.0)
+    downstream(runs, "finetune-stage0", "finetune", ck, checkpoint_sha256=sha, model="base", metrics={"top1": 70.0})
     t = table.make_table(runs)
     assert [c.value for c in row(t, "ViT-B/16", "random ViT-B").cells["in1k"]] == [70.0]
 
 
-def test_448_run_follows_the_fine_tuned_checkpoint_to_pretraining(runs):
+def test_448_run_takes_the_setting_its_fine_tuned_start_records(runs):
     pretrain_run(runs, "pretrain-huge", cfg(**{"model.size": "huge", "teacher.init_depth": 0}))
     ck = "runs/pretrain-huge/checkpoint-stage1-student.pth"
-    downstream(runs, "finetune-huge", "finetune", ck, config={"model": {"size": "huge", "img_size": None}}, top1=87.1)
-    (runs / "finetune-huge" / "checkpoint-best.pth").write_bytes(b"fine-tuned H")
+    config = {"model": {"size": "huge", "img_size": None}}
+    downstream(runs, "finetune-huge", "finetune", ck, config=config, metrics={"top1": 87.1})
+    setting = json.loads((runs / "finetune-huge" / "results.json").read_text())["pretraining"]
+    best = {"model": {}, "meta": {"format": "dbot-suite/finetune/v1", "pretraining": setting}}
+    ckpt.save(best, runs / "finetune-huge" / "checkpoint-best.pth")  # the 224 fine-tuned model records its start
     downstream(
         runs,
         "finetune-huge448",
         "finetune",
         "runs/finetune-huge/checkpoint-best.pth",
         config={"model": {"size": "huge", "img_size": 448}},
-        top1=88.2,
+        metrics={"top1": 88.2},
     )
     t = table.make_table(runs)
     assert md_line(t, "ViT-H/14", "ViT-H (bootstrapped)")[3:6] == ["87.10", "87.4", "-0.30"]
     assert md_line(t, "ViT-H/14 @448", "ViT-H (bootstrapped)")[3:6] == ["88.20", "88.0", "+0.20"]
     c = row(t, "ViT-H/14 @448", "ViT-H (bootstrapped)").cells["in1k"][0]
-    assert "via" in c.origin.how and c.origin.pretrain_folder == runs / "pretrain-huge"
+    assert "stage-1 student" in c.origin.how and c.checkpoint == "runs/finetune-huge/checkpoint-best.pth"
     assert c.provenance()["config"] == str(runs / "finetune-huge448" / "config.yaml")
 
 
 def test_mae_baseline_row_and_symmetric_student(runs):
     pixels = cfg(**{"model.size": "large", "target.kind": "pixels", "teacher.bootstrap": False})
     pretrain_run(runs, "pretrain-mae-l", {**pixels, "stages": {"epochs": [0, 1600]}}, stages=1)
-    downstream(runs, "ft-mae-l", "finetune", "runs/pretrain-mae-l/checkpoint-stage0-student.pth", top1=85.5)
+    downstream(
+        runs, "ft-mae-l", "finetune", "runs/pretrain-mae-l/checkpoint-stage0-student.pth", metrics={"top1": 85.5}
+    )
     clip = cfg(**{"model.kind": "beit", "target.kind": "timm", "target.timm.name": "vit_base_patch16_clip_224.openai"})
     pretrain_run(runs, "pretrain-clip-b", {**clip, "stages": {"epochs": [0, 1600]}}, stages=1)
-    downstream(runs, "ft-clip-b", "finetune", "runs/pretrain-clip-b/checkpoint-stage0-student.pth", top1=85.1)
+    downstream(
+        runs, "ft-clip-b", "finetune", "runs/pretrain-clip-b/checkpoint-stage0-student.pth", metrics={"top1": 85.1}
+    )
     t = table.make_table(runs)
     assert md_line(t, "ViT-L/16", "pixels")[2:6] == ["yes", "85.50", "85.9", "-0.40"]
     assert md_line(t, "ViT-B/16", "CLIP-B/16")[2:6] == ["no", "85.10", "85.7", "-0.60"]
 
 
 def test_external_checkpoints_through_labels_file_or_results_label(runs, tmp_path):
-    downstream(runs, "ft-authors", "finetune", "/dl/84.5_dbot_base_pre.pth", checkpoint_sha256="ab" * 8, top1=84.4)
-    downstream(runs, "ft-mae", "finetune", "/dl/mae_pretrain_vit_base.pth", checkpoint_sha256="cd" * 8, top1=83.4)
-    downstream(runs, "ft-labelled", "finetune", "/dl/other.pth", label="ViT-L/16 | ViT-H", top1=86.5)
-    downstream(runs, "ft-unknown", "finetune", "/dl/unknown.pth", model="base", top1=80.0)
+    downstream(
+        runs, "ft-authors", "finetune", "/dl/84.5_dbot_base_pre.pth", checkpoint_sha256="ab" * 8, metrics={"top1": 84.4}
+    )
+    downstream(
+        runs, "ft-mae", "finetune", "/dl/mae_pretrain_vit_base.pth", checkpoint_sha256="cd" * 8, metrics={"top1": 83.4}
+    )
+    downstream(runs, "ft-labelled", "finetune", "/dl/other.pth", label="ViT-L/16 | ViT-H", metrics={"top1": 86.5})
+    downstream(runs, "ft-unknown", "finetune", "/dl/unknown.pth", model="base", metrics={"top1": 80.0})
     labels = tmp_path / "labels.yaml"
     labels.write_text(
         "84.5_dbot_base_pre.pth: {student: ViT-B/16, teacher: ViT-B (bootstrapped)}\n"
@@ -290,8 +342,8 @@ def test_external_checkpoints_through_labels_file_or_results_label(runs, tmp_pat
 def test_linprobe_and_transfer_columns_appear_only_with_runs(runs):
     ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
     assert [m.key for m in table.make_table(runs).metrics] == ["in1k", "box_ap", "mask_ap", "miou"]
-    downstream(runs, "lin", "linprobe", ck, dataset="imagenet:/in", top1=68.0)
-    downstream(runs, "cars", "transfer", ck, dataset="cars:/data/cars", top1=93.0)
+    downstream(runs, "lin", "linprobe", ck, dataset="imagenet:/in", metrics={"top1": 68.0})
+    downstream(runs, "cars", "transfer", ck, dataset="cars:/data/cars", metrics={"top1": 93.0})
     t = table.make_table(runs)
     assert [m.key for m in t.metrics][4:] == ["linprobe", "transfer:cars"]
     assert md_line(t, "ViT-B/16", "ViT-B (bootstrapped)")[-2:] == ["68.00", "93.00"]
@@ -315,16 +367,53 @@ def test_cli_writes_every_format(runs, capsys):
     assert table.main(["--runs", str(runs / "nope")]) == 2
 
 
-def test_published_file_is_consistent():
+def reference_facts() -> Path:
+    """The team's reference facts (shared/reference/RECIPES.md), which sit beside the repository."""
+    for root in (REPO.parent, REPO):
+        path = root / "shared" / "reference" / "RECIPES.md"
+        if path.is_file():
+            return path
+    pytest.skip("shared/reference/RECIPES.md is not beside the repository")
+
+
+def test_published_numbers_are_the_sources_numbers():
+    """Every published value against RECIPES.md section 1 (the authors' README table and the baselines), read
+    from that file rather than restated here."""
+    text = reference_facts().read_text()
+    section = text.split("## 1.")[1].split("\n## ")[0]
+    readme = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("ViT-"):
+            num = lambda c: None if c == "-" else float(c)  # noqa: E731
+            readme.append((cells[0], cells[1], cells[2].startswith("yes"), *map(num, cells[3:])))
     rows, sources, notes, other = table.load_published()
     keys = [r.setting.key for r in rows]
-    assert len(keys) == len(set(keys))
-    assert len(rows) == 14 and {r.method for r in rows} == {"dBOT", "MAE"}
-    by = {(r.setting.student, r.setting.teacher): r for r in rows}
-    assert by[("ViT-B/16", "ViT-B (bootstrapped)")].values == {"in1k": 84.5, "box_ap": 52.7, "miou": 49.5}
-    assert by[("ViT-H/14 @448", "CLIP-L/14")].values == {"in1k": 89.1}
-    assert by[("ViT-B/16", "pixels")].sources["box_ap"] == "vitdet_readme"
+    assert len(keys) == len(set(keys)) and {r.method for r in rows} == {"dBOT", "MAE"}
+    dbot = [r for r in rows if r.method == "dBOT"]
+    assert len(dbot) == len(readme) == 11
+    for r, (student, teacher, asym, in1k, det, seg) in zip(dbot, readme):
+        s = r.setting
+        assert (s.student, s.asym) == (student, asym) and s.teacher.startswith(teacher), (s, teacher)
+        assert r.values == {k: v for k, v in (("in1k", in1k), ("box_ap", det), ("miou", seg)) if v is not None}, s
+        assert set(r.sources.values()) == {"dbot_readme"}
+    baselines = section.split("Baselines:")[1]
+    mae_in1k = [float(v) for v in re.search(r"IN-1K ([\d.]+) / ([\d.]+) / ([\d.]+)", baselines).groups()]
+    mae_ade = [float(v) for v in re.search(r"ADE20K ([\d.]+) \(B\), ([\d.]+) \(L\)", baselines).groups()]
+    vitdet = re.search(r"B ([\d.]+) box / ([\d.]+) mask, L ([\d.]+) / ([\d.]+), H ([\d.]+) / ([\d.]+)", baselines)
+    vitdet = [float(v) for v in vitdet.groups()]
+    mae = {r.setting.student: r for r in rows if r.method == "MAE"}
+    assert all(mae[s].setting.teacher == "pixels" for s in mae)
+    for i, size in enumerate(("ViT-B/16", "ViT-L/16", "ViT-H/14")):
+        expect = {"in1k": mae_in1k[i], "box_ap": vitdet[2 * i], "mask_ap": vitdet[2 * i + 1]}
+        if i < 2:
+            expect["miou"] = mae_ade[i]
+        assert mae[size].values == expect, size
+        assert mae[size].sources["box_ap"] == mae[size].sources["mask_ap"] == "vitdet_readme"
     assert set(sources) >= {"dbot_readme", "mae_paper", "vitdet_readme"} and "box_ap" in notes
+    figures = {o["metric"]: o["value"] for o in other}
+    cars, inat = re.search(r"Stanford Cars ([\d.]+), iNaturalist-2018 ([\d.]+)", section).groups()
+    assert figures == {"transfer:cars": float(cars), "transfer:inat2018": float(inat)}
 
 
 def test_row_of_a_real_pretraining_run(tiny_pretrained, tmp_path):
@@ -336,9 +425,13 @@ def test_row_of_a_real_pretraining_run(tiny_pretrained, tmp_path):
     def copied(path: str) -> str:
         return str(runs / "pretrain-tiny" / Path(path).name)
 
-    downstream(runs, "ft", "finetune", copied(pre["checkpoint"]), model="tiny", top1=55.5)
-    downstream(runs, "ft0", "finetune", copied(pre["checkpoints"]["stage0_student"]), model="tiny", top1=44.4)
-    downstream(runs, "ft-t1", "finetune", copied(pre["checkpoints"]["stage1_teacher"]), model="tiny", top1=33.3)
+    downstream(runs, "ft", "finetune", copied(pre["final_student"]), model="tiny", metrics={"top1": 55.5})
+    downstream(
+        runs, "ft0", "finetune", copied(pre["checkpoints"]["stage0_student"]), model="tiny", metrics={"top1": 44.4}
+    )
+    downstream(
+        runs, "ft-t1", "finetune", copied(pre["checkpoints"]["stage1_teacher"]), model="tiny", metrics={"top1": 33.3}
+    )
     t = table.make_table(runs)
     assert t.warnings == []
     assert md_line(t, "ViT-tiny/4", "ViT-tiny (bootstrapped)")[3] == "55.50"

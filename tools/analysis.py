@@ -3,7 +3,7 @@
     python -m tools.analysis runs/pretrain-base/checkpoint-stage1-student.pth mae=mae_pretrain_vit_base.pth \\
         --data /path/to/imagenet/val --out runs/analysis [--max-images 5000]
 
-For every checkpoint `tools.convert.read_backbone` reads (NAME=PATH to name it) and the images of any folder
+For every checkpoint `core.weights.read_backbone` reads (NAME=PATH to name it) and the images of any folder
 (searched recursively), as RECIPES.md section 6 and the authors' `analysis/analysis.py` define them:
 
 - averaged attention distance, per block and head: the post-softmax attention over the images, cls row and
@@ -38,10 +38,19 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from core import checkpoint as ckpt
-from core.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, CorruptImageError, DataError, collate_skip, open_rgb
+from core.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IMG_EXTENSIONS,
+    CorruptImageError,
+    DataError,
+    collate_skip,
+    is_image_file,
+    open_rgb,
+)
 from core.monitor import file_sha256
 from core.vit import PRESETS, ViT, resize_pos_embed
-from tools.convert import read_backbone
+from core.weights import read_backbone
 
 TOPK = 5
 
@@ -246,7 +255,7 @@ def image_files(root: str | os.PathLike, max_images: int | None = None) -> list[
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--data: folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(IMG_EXTENSIONS))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p.name))
     if not files:
         raise DataError(f"--data: no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
     if max_images and max_images < len(files):

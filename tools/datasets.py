@@ -31,6 +31,11 @@ of small shapes of one class), so every annotation encoding COCO uses is exercis
 
 `ade20k`: `images/{training,validation}/ADE_*.jpg` and `annotations/{training,validation}/ADE_*.png` (the
 ADEChallengeData2016 layout): four textures as "stuff", four solid shapes as "things", label 0 = other.
+
+    python -m tools.datasets jpegs --out data/jpegs [--images 2000 --classes 10 --size 500 375 --quality 90]
+
+`jpegs`: photo-like 500 x 375 JPEGs at quality 90 (about 100 KB each, like ImageNet photos) in
+`train/<class>/`, for the input-pipeline and end-to-end benchmarks (`tools.bench loader`, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -520,6 +525,72 @@ def make_study(
     return out
 
 
+# -------------------------------------------------------------------------------- realistic JPEGs (benchmarks)
+def natural_image(rng: np.random.Generator, w: int = 500, h: int = 375) -> Image.Image:
+    """A photo-like RGB image: colour noise with a 1/f amplitude spectrum (the average spectrum of natural
+    images), a few solid shapes with sharp edges, and sensor-like pixel noise. At quality 90 a 500 x 375
+    image is a JPEG of about 100 KB, like an ImageNet training photo, so decoding costs what it costs there."""
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.sqrt(fx**2 + fy**2)
+    f[0, 0] = 1.0
+    amp = 1.0 / f
+    amp[0, 0] = 0.0
+    channels = [
+        np.fft.irfft2(amp * (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)), s=(h, w)) for _ in "rgb"
+    ]
+    mix = rng.normal(size=(3, 3)) * 0.5 + np.eye(3)  # correlated channels
+    field = np.stack(channels, -1) @ mix
+    field = (field - field.mean()) / (field.std() + 1e-8)
+    img = Image.fromarray(np.clip(128 + 45 * field + rng.uniform(-40, 40, 3), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):
+        x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(15, 120)
+        if rng.random() < 0.5:
+            draw.ellipse([x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r], fill=random_colour(rng))
+        else:
+            draw.polygon(
+                [(x + r * math.cos(t), y + r * math.sin(t)) for t in rng.uniform(0, 2 * math.pi, 5)],
+                fill=random_colour(rng),
+            )
+    noisy = np.asarray(img).astype(np.float32) + rng.normal(0, 6, size=(h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def _write_jpeg(job) -> None:
+    path, seed, w, h, quality = job
+    natural_image(np.random.default_rng(seed), w, h).save(path, quality=quality)
+
+
+def make_jpegs(
+    out: str | Path,
+    images: int = 2000,
+    classes: int = 10,
+    seed: int = 0,
+    size: tuple[int, int] = (500, 375),
+    quality: int = 90,
+    workers: int = 1,
+) -> Path:
+    """`images` photo-like JPEGs (`natural_image`, `size` = (width, height)) in the ImageNet training layout
+    `out/train/c<k>/<k>_<i>.JPEG`, spread over `classes` folders, for the loader and end-to-end benchmarks.
+    Deterministic in `seed` (image i from the generator seeded by (seed, 30, i)); `workers` processes."""
+    out = Path(out)
+    jobs = []
+    for i in range(images):
+        d = out / "train" / f"c{i % classes:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(d / f"{i % classes:03d}_{i:06d}.JPEG"), [seed, 30, i], size[0], size[1], quality))
+    if workers > 1:
+        from multiprocessing import get_context
+
+        with get_context("spawn").Pool(workers) as pool:
+            pool.map(_write_jpeg, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            _write_jpeg(job)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.datasets", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="kind", required=True)
@@ -548,6 +619,14 @@ def main(argv=None) -> None:
     st.add_argument("--train-per-class", type=int, default=None)
     st.add_argument("--val-per-class", type=int, default=None)
     st.add_argument("--workers", type=int, default=0, help="processes (0: this one)")
+    j = sub.add_parser("jpegs", help="photo-like JPEGs (500x375, quality 90) in train/<class>/ for the benchmarks")
+    j.add_argument("--out", default="data/jpegs")
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--images", type=int, default=2000)
+    j.add_argument("--classes", type=int, default=10)
+    j.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    j.add_argument("--quality", type=int, default=90)
+    j.add_argument("--workers", type=int, default=1, help="processes writing images")
     args = p.parse_args(argv)
     t0 = time.time()
     if args.kind == "study":
@@ -571,6 +650,12 @@ def main(argv=None) -> None:
         print(
             f"wrote {args.train_images} + {args.val_images} COCO-layout images ({len(COCO_CLASSES)} categories) "
             f"to {root} in {time.time() - t0:.1f}s"
+        )
+    elif args.kind == "jpegs":
+        root = make_jpegs(args.out, args.images, args.classes, args.seed, tuple(args.size), args.quality, args.workers)
+        print(
+            f"wrote {args.images} {args.size[0]}x{args.size[1]} JPEGs (quality {args.quality}) to {root / 'train'} "
+            f"in {time.time() - t0:.1f}s"
         )
     elif args.kind == "ade20k":
         root = make_ade20k(args.out, args.seed, args.train_images, args.val_images)

@@ -179,14 +179,14 @@ def run_finetune(args, data: Path, name: str, checkpoint: Path | None, seed: int
             ],
         )
         finetune_run(cfg)
-    return float(json.loads(done.read_text())["last_top1"])
+    return float(json.loads(done.read_text())["metrics"]["last_top1"])
 
 
 def load_encoder(path: Path, loads: dict) -> ViT:
     """The encoder of any checkpoint the converters read, in a ViT of the architecture the checkpoint's
     metadata (or its weights) give; the load report is printed and kept in `loads`. Nothing may be missing
     (the final norm included); the decoder and mask token are dropped by `read_backbone`."""
-    from tools.convert import arch_of, read_backbone
+    from core.weights import arch_of, read_backbone
 
     meta = ckpt.load(path).get("meta") or {}
     sd, info = read_backbone(path)

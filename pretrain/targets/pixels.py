@@ -1,5 +1,7 @@
-"""MAE's target: the pixels of each patch (of the normalised input), optionally standardised per patch
-(`norm_pix_loss`), MSE over the masked patches."""
+"""MAE's target (facebookresearch/mae `models_mae.py`): the pixels of each patch of the normalised input in
+`patchify` order, standardised per patch when `norm_pix` (`norm_pix_loss`: mean and unbiased variance over the
+patch's p*p*3 values, eps 1e-6 inside the square root), MSE averaged over a patch's values, then over the
+masked patches (`forward_loss`)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,16 @@ class PixelTarget(Target):
     default_loss = "mse"
 
     def __init__(self, patch_size: int, norm_pix: bool = True, **kw):
-        kw.setdefault("norm", "standardize" if norm_pix else "none")
+        # norm_pix chooses the normalisation; an explicit `norm` (loss.norm) may name another per-patch
+        # normalisation (layernorm), but not contradict norm_pix
+        norm = kw.get("norm")
+        if norm is None:
+            kw["norm"] = "standardize" if norm_pix else "none"
+        elif (norm == "none") == bool(norm_pix):
+            raise ValueError(
+                f"loss.norm={norm} contradicts target.pixels.norm_pix={str(bool(norm_pix)).lower()}; "
+                "leave loss.norm null and set norm_pix"
+            )
         super().__init__(patch_size * patch_size * 3, **kw)
         self.patch_size = patch_size
 

@@ -1,6 +1,9 @@
 """A fixed pretrained teacher from any timm ViT architecture plus a weights file (CLIP ViT-B/16 or L/14 image
 towers, DINO, MAE, ...), MaskDistill-style: tokens after the final norm (or its projection head, or the raw
-last block), normalised with a non-affine LayerNorm, SmoothL1 over the masked patches.
+last block), normalised with a non-affine LayerNorm, Smooth-L1 over the masked patches (Peng et al., "A Unified
+View of Masked Image Modeling", 2022: MaskDistill). Its Smooth-L1 has no beta in the paper, i.e. the standard
+definition (Fast R-CNN; PyTorch's default) beta = 1, which is this target's default; MaskDistill's code was
+never released (microsoft/unilm `unimim/` holds only a README). dBOT's own loss uses beta 2 (`loss.beta=2`).
 
 The teacher sees the image with its own input normalisation (from the timm pretrained config unless given)
 at the resolution that gives it the student's patch grid (e.g. 224 for a /16 student -> 196 px for a /14
@@ -25,6 +28,7 @@ class TimmTeacherTarget(Target):
     name = "timm"
     has_cls = True
     default_norm = "layernorm"
+    default_beta = 1.0  # MaskDistill's Smooth-L1: the standard beta 1 (see the module docstring)
     default_include_cls = False
 
     def __init__(

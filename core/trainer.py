@@ -1,0 +1,574 @@
+"""The training engine every task runs on: one loop, task-specific hooks.
+
+A task (pretraining, fine-tuning, COCO, ADE20K) subclasses `Task` and supplies what is its own: building
+data, model and optimizer (`build`), one micro-batch's losses (`prepare` + `forward`), evaluation, the
+state and checkpoints only it has, the results record. `fit(task)` owns the rest, the same way for every
+task:
+
+- seeding, resume (refused when the config or the dataset changed), every rank's RNG stream;
+- the micro-batch stream: optimizer step k reads a fixed span of micro-batches, derived from k alone, so a
+  run resumed at any saved step sees exactly what an uninterrupted one would;
+- the `Stepper` (amp, accumulation with DDP no_sync, clipping, lr schedule);
+- cadence: metrics every `log.every` steps (non-finite losses stop the run), evaluation, checkpoint-last,
+  the `max_epochs` / `max_iters` stop of time-limited jobs;
+- the run folder: config.yaml, metrics.jsonl, TensorBoard, progress bar, results.json.
+
+Two units of length: `unit="epoch"` (pretraining, fine-tuning; MAE's loops): a step's micro-batches never
+cross an epoch, whose last step may take fewer; epoch ends are events (evaluation, a stage switch,
+checkpoints). `unit="iter"` (detectron2 / mmseg style): every step takes `accum` micro-batches, across
+epochs, and cadences count steps.
+
+A task's hooks, in the order `fit` calls them:
+
+    build(state)                          data, model (weights from `state` when resuming), optimizer, schedule
+    load_state_dict(state)                the task's own resume state (after the Stepper's)
+    train_mode()                          at the start and after every evaluation
+    prepare(batch, epoch, index)          eager: to the device, CPU-side randomness (Mixup); None: nothing usable
+    forward(model, *inputs) -> losses     {'loss': backpropagated, ...: logged}; compiled with compile=true
+    after_step(step, epoch)               e.g. an EMA teacher update
+    evaluate(step) -> metrics             when due, and at the end
+    end_of_epoch(epoch, summary) -> bool  epoch unit: True forces checkpoint-last (a stage end)
+    state_dict() / meta()                 what checkpoint-last.pth stores for the task
+    results(last_eval) -> dict            results.json fields of the task
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core import checkpoint as ckpt
+from core import dist, engine, weights
+from core.config import ConfigError, check_output_folder, save_config, to_dict, validate
+from core.data import DataError, Loader
+from core.monitor import RunLogger, write_results
+
+
+class Task:
+    """Base of a task; subclasses set the class attributes and implement the hooks (see the module doc).
+
+    After `build` these attributes must be set: `model` (the module DDP wraps and the optimizer trains),
+    `optimizer`, `schedule` (lr per optimizer step; its length is the run's length in steps),
+    `train_loader` and `train_sampler` (a `core.data.ShardedSampler`), `accum`, `amp`, `clip_grad`.
+    """
+
+    name = "task"  # results.json "task"
+    format = "dbot-suite/task/v1"  # checkpoint meta format
+    unit = "epoch"  # "epoch" | "iter"
+    schema: type | None = None  # the config schema (`core.config`): `run` checks the config against it
+
+    def __init__(self, cfg, env: dist.DistEnv):
+        self.cfg, self.env, self.device = cfg, env, env.device
+        self.out = Path(cfg.out)
+        self.trainer: Trainer | None = None  # set by fit
+        self.clip_grad = None
+
+    # ---- cadence, in the task's unit (epochs or steps); None = never (evaluation: only at the end)
+    @property
+    def save_every(self) -> int | None:
+        return self.cfg.log.get("save_every")
+
+    @property
+    def eval_every(self) -> int | None:
+        return None
+
+    @property
+    def max_units(self) -> int | None:
+        """Stop after this many units in one invocation (`max_epochs` / `max_iters`)."""
+        return self.cfg.get("max_epochs" if self.unit == "epoch" else "max_iters")
+
+    # ---- hooks
+    def build(self, state: dict | None) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def prepare(self, batch, epoch: int, index: int) -> tuple:
+        """Inputs of `forward`, on the device (default: every tensor of the batch tuple)."""
+        return tuple(x.to(self.device, non_blocking=True) if torch.is_tensor(x) else x for x in batch)
+
+    def forward(self, model: nn.Module, *inputs) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def count(self, inputs: tuple) -> int:
+        """Images in a micro-batch (throughput)."""
+        return len(inputs[0])
+
+    def after_step(self, step: int, epoch: int) -> None:
+        """After optimizer step `step` (1-based count), taken in epoch `epoch`."""
+
+    def evaluate(self, step: int) -> dict | None:
+        return None
+
+    def end_of_epoch(self, epoch: int, summary: dict) -> bool:
+        return False
+
+    def log_fields(self) -> dict:
+        """Extra fields of every metrics line (e.g. the pretraining stage)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict()}
+
+    def meta(self) -> dict:
+        return {}
+
+    def compile(self, mode) -> callable:
+        """The forward the loop calls with `compile` set: by default `forward` under torch.compile (teacher,
+        student and loss in one graph for pretraining; `compile=true` or a torch.compile mode name)."""
+        return torch.compile(self.forward) if mode is True else torch.compile(self.forward, mode=str(mode))
+
+    def check_resume(self, path: Path, state: dict) -> None:
+        """Task-specific checks of a checkpoint to resume from (after format and config are checked)."""
+
+    def describe(self) -> str:
+        return self.name
+
+    def pretraining(self) -> dict | None:
+        """How the weights this run starts from were pretrained (`core.weights.pretraining_setting` of
+        `checkpoint`; None for random init or a file not made by this suite). Recorded in checkpoint-last's
+        meta and results.json, so that a table places the run without reconstructing anything."""
+        path = self.cfg.get("checkpoint")
+        return weights.pretraining_setting(path) if path and Path(path).is_file() else None
+
+    def results(self, last_eval: dict | None) -> dict:
+        return {}
+
+    def loaders(self) -> dict[str, Loader]:
+        """The task's loaders by split (whose skipped corrupt files the engine logs and reports)."""
+        found = {"train": getattr(self, "train_loader", None), "val": getattr(self, "val_loader", None)}
+        return {k: v for k, v in found.items() if isinstance(v, Loader)}
+
+    # ---- helpers for tasks
+    def autocast(self):
+        return engine.autocast(self.amp, self.device)
+
+    def check_batches(self, sampler, what: str = "data") -> int:
+        """Batches per epoch of the training sampler; none is a ConfigError naming the sizes."""
+        if sampler.batches_per_epoch == 0:
+            raise ConfigError(
+                f"{what}: {sampler.n} training images give no full batch of data.batch_per_gpu="
+                f"{sampler.batch_size} on {self.env.world_size} process(es)"
+            )
+        return sampler.batches_per_epoch
+
+    def write(self, msg: str) -> None:
+        """A line of output (main process, without breaking the progress bar)."""
+        if self.trainer is not None:
+            self.trainer.log.write(msg)
+        elif self.env.is_main:
+            print(msg, flush=True)
+
+    def log(self, step: int, prefix: str = "", **scalars) -> None:
+        if self.trainer is not None:
+            self.trainer.log.log(step, prefix=prefix, **scalars)
+
+    def saved(self, name: str, path: Path) -> None:
+        """Record a checkpoint the task wrote (listed in results.json)."""
+        if self.trainer is not None:
+            self.trainer.checkpoints[name] = str(path)
+
+
+# ---------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """Which micro-batches optimizer step k reads. batches: micro-batches per epoch (per process)."""
+
+    batches: int
+    accum: int
+    unit: str
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return engine.steps_per_epoch(self.batches, self.accum)
+
+    def first_micro(self, step: int) -> int:
+        """Global micro-batch index (epoch * batches + index) of the step's first micro-batch."""
+        if self.unit == "iter":
+            return step * self.accum
+        epoch, j = divmod(step, self.steps_per_epoch)
+        return epoch * self.batches + j * self.accum
+
+    def size(self, step: int) -> int:
+        if self.unit == "iter":
+            return self.accum
+        j = step % self.steps_per_epoch
+        return min(self.accum, self.batches - j * self.accum)
+
+    def epoch_of(self, step: int) -> int:
+        return self.first_micro(step) // self.batches
+
+    def ends_epoch(self, step: int) -> bool:
+        """Step `step` (0-based) is the last of its epoch (epoch unit)."""
+        return self.unit == "epoch" and (step + 1) % self.steps_per_epoch == 0
+
+
+def micro_batches(loader, sampler, batches: int, start: int):
+    """`(epoch, index, batch)` from global micro-batch `start` on, across epochs. The sampler's order is a
+    function of (seed, epoch) and the loader has its own generator, so starting an iterator neither depends
+    on nor moves the global RNG: a resumed run continues exactly."""
+    epoch, i = divmod(start, batches)
+    while True:
+        sampler.set_epoch(epoch, start_batch=i)
+        for batch in loader:
+            yield epoch, i, batch
+            i += 1
+        epoch, i = epoch + 1, 0
+
+
+@dataclass
+class Meter:
+    """Sums of the logged losses over micro-batches, with their image counts and wall time."""
+
+    sums: dict = field(default_factory=dict)
+    micro: int = 0
+    images: int = 0
+    since: float = field(default_factory=time.time)
+
+    def add(self, losses: dict, images: int) -> None:
+        for k, v in losses.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.micro += 1
+        self.images += images
+
+    def means(self) -> dict[str, float]:
+        """Means over the micro-batches, averaged over processes (collective)."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        values = dist.all_reduce_mean(torch.stack([self.sums[k] for k in keys]) / max(self.micro, 1)).tolist()
+        return dict(zip(keys, values))
+
+    def reset(self) -> None:
+        self.sums, self.micro, self.images, self.since = {}, 0, 0, time.time()
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class Trainer:
+    """Runs one task; see the module docstring. Use `fit(task)`."""
+
+    def __init__(self, task: Task):
+        self.task, self.cfg, self.env = task, task.cfg, task.env
+        self.checkpoints: dict[str, str] = {}
+        self.pretraining: dict | None = None
+        self.last_eval: dict | None = None  # {"step": k, "metrics": {...}}
+        self.log: RunLogger | None = None
+        self.corrupt: dict[str, dict[str, str]] = {}  # split -> {path: reason}: corrupt files skipped in the run
+        task.trainer = self
+        problem = None
+        if self.env.is_main:  # one process tries the folder (several would race); every one gets the verdict
+            try:
+                check_output_folder("out", self.cfg.out)
+            except ConfigError as e:
+                problem = str(e)
+        problem = dist.broadcast_object(problem)
+        if problem is not None:
+            raise ConfigError(problem)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _resume_state(self):
+        """(path, state) of the checkpoint to continue from, checked: this task's format, the task's own checks,
+        then the same computation-relevant settings."""
+        path, state = ckpt.load_resume(self.task.out, self.cfg.resume, self.task.format)
+        if state is not None:
+            self.task.check_resume(path, state)
+            ckpt.check_same_config(path, state.get("config"), to_dict(self.cfg))
+        return path, state
+
+    def _check_same_data(self, path, state, layout: Layout) -> None:
+        saved = state.get("engine", {}).get("data")
+        now = {"images": self.task.train_sampler.n, "batches_per_epoch": layout.batches}
+        if saved is not None and saved != now:
+            diff = "; ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+            raise ckpt.CheckpointError(
+                f"{path}: saved by a run on other training data ({diff}); a resumed run must see the same data "
+                "(its step counter, schedule and sampler order depend on it): use another out folder, or resume=none"
+            )
+
+    def fit(self) -> dict:
+        try:
+            return self._fit()
+        except BaseException:
+            if self.log is not None:  # the progress bar ends its line before the error is printed
+                self.log.close()
+            raise
+
+    def _fit(self) -> dict:
+        task, cfg, env = self.task, self.cfg, self.env
+        engine.seed_everything(cfg.seed, env.rank)
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution once
+        path, state = self._resume_state()
+        if env.is_main:
+            ckpt.remove_stale_temporaries(task.out)
+        task.build(state)
+        self._watch_corrupt(state)
+        self.pretraining = task.pretraining()
+        layout = Layout(task.check_batches(task.train_sampler), task.accum, task.unit)
+        total = len(task.schedule)
+        model = engine.ddp(task.model, env)
+        self.stepper = stepper = engine.Stepper(
+            model, task.optimizer, task.schedule, amp=task.amp, clip_grad=task.clip_grad, device=env.device
+        )
+        if state is not None:
+            self._check_same_data(path, state, layout)
+            stepper.load_state_dict(state["stepper"])
+            task.load_state_dict(state)
+            saved = state.get("engine", {})
+            self.checkpoints = dict(saved.get("checkpoints", {}))
+            self.last_eval = saved.get("last_eval")
+            engine.restore_rng_states(state["rng"], env.rank, env.world_size, cfg.seed + 7919 * stepper.step_count)
+        del state
+        start = stepper.step_count
+
+        self.log = log = RunLogger(
+            task.out, enabled=env.is_main, tensorboard=cfg.log.tensorboard, resume_step=start if path else None
+        )
+        if env.is_main:
+            save_config(cfg, task.out / "config.yaml")
+        log.write(task.describe())
+        for warning in getattr(task.schema, "warnings", lambda cfg: [])(cfg):
+            log.write(f"warning: {warning}")
+        if path is not None:
+            log.write(f"resuming at step {start} of {total} (epoch {layout.epoch_of(start)}) from {path}")
+        forward = task.compile(cfg.compile) if cfg.get("compile") else task.forward
+        stream = micro_batches(task.train_loader, task.train_sampler, layout.batches, layout.first_micro(start))
+        log.progress(total, initial=start, desc=task.name)
+        window, epoch_meter = Meter(), Meter()
+        train_time, images, t_step = 0.0, 0, time.time()
+        unit_start = layout.epoch_of(start) if task.unit == "epoch" else start
+        task.train_mode()
+
+        step = start
+        while step < total:
+            size = layout.size(step)
+            stepper.start_step()
+            for j in range(size):
+                epoch, index, batch = next(stream)
+                inputs = None if batch is None else task.prepare(batch, epoch, index)
+                if inputs is None:
+                    raise DataError(f"epoch {epoch}: every image of training micro-batch {index} is corrupt")
+                with stepper.autocast():
+                    losses = forward(stepper.model, *inputs)
+                stepper.backward(losses["loss"], size=size, last=j == size - 1)
+                n = task.count(inputs)
+                window.add(losses, n)
+                epoch_meter.add(losses, n)
+                images += n
+            logging = (step + 1) % cfg.log.every == 0 or layout.ends_epoch(step) or step + 1 == total
+            grad_norm = stepper.step(norm=logging)
+            step = stepper.step_count
+            task.after_step(step, epoch)
+            log.update(1)
+            if logging:
+                self._log_line(step, epoch, window, grad_norm)
+            train_time += time.time() - t_step
+
+            # events: evaluation, end of epoch (epoch unit), checkpoint, stop
+            done = step == total
+            if task.unit == "epoch":
+                at_end = layout.ends_epoch(step - 1)
+                units_done = epoch + 1
+            else:
+                at_end, units_done = True, step
+            force_save = False
+            if at_end:
+                every = task.eval_every
+                if done or (every and units_done % every == 0):
+                    window.since += self._evaluate(step)  # evaluation time is not training time
+                if task.unit == "epoch":
+                    summary = {k: v for k, v in epoch_meter.means().items()}
+                    force_save = task.end_of_epoch(epoch, summary)
+                    epoch_meter.reset()
+                    if task.model is not stepper.model and task.model is not getattr(stepper.model, "module", None):
+                        stepper.swap(engine.ddp(task.model, env), task.optimizer)
+                    elif task.optimizer is not stepper.optimizer:
+                        stepper.swap(stepper.model, task.optimizer)
+                limit = task.max_units
+                stopping = limit is not None and units_done - unit_start >= limit and not done
+                every = task.save_every
+                if force_save or done or stopping or (every and units_done % every == 0):
+                    self.save_last(layout, step)
+                if stopping:
+                    what = "epoch(s) (max_epochs)" if task.unit == "epoch" else "iteration(s) (max_iters)"
+                    log.write(f"stopping after {limit} {what} at step {step}; run the same command again to resume")
+                    log.close()
+                    key = "stopped_at_epoch" if task.unit == "epoch" else "stopped_at_iteration"
+                    return {key: units_done}
+            t_step = time.time()
+
+        if self.last_eval is None or self.last_eval["step"] != total:
+            self._evaluate(total)  # a finished run started again, or a task that evaluated nothing
+        log.close()
+        steps_done = total - start
+        speed = {
+            "train_s_per_step": train_time / steps_done if steps_done else None,
+            "train_images_per_s": images * env.world_size / train_time if train_time else None,
+        }
+        return self._results(speed)
+
+    # --------------------------------------------------------------------------------------- pieces
+    def _watch_corrupt(self, state: dict | None) -> None:
+        """Skipped corrupt files (data.skip_corrupt): each named once in the log when first met (the ones a
+        resumed run already met are known), all listed in results.json."""
+        self.corrupt = {k: dict(v) for k, v in ((state or {}).get("engine", {}).get("corrupt") or {}).items()}
+        for split, loader in self.task.loaders().items():
+            known = self.corrupt.setdefault(split, {})
+            loader.corrupt.update(known)
+            loader.on_skip = self._skipped
+
+    def _skipped(self, split: str, path: str, reason: str) -> None:
+        files = self.corrupt.setdefault(split, {})
+        if path in files:
+            return
+        files[path] = reason
+        msg = f"data.skip_corrupt: skipping {reason} ({split}; {len(files)} skipped in this split so far)"
+        if self.log is not None and self.env.is_main:
+            self.log.write(msg)
+        elif not self.env.is_main:
+            print(f"[rank {self.env.rank}] {msg}", file=sys.stderr, flush=True)
+
+    def _gathered_corrupt(self) -> dict[str, dict[str, str]]:
+        """The corrupt files every process skipped (collective)."""
+        merged: dict[str, dict[str, str]] = {}
+        for part in dist.all_gather_object(self.corrupt):
+            for split, files in part.items():
+                merged.setdefault(split, {}).update(files)
+        return merged
+
+    def _log_line(self, step: int, epoch: int, window: Meter, grad_norm) -> None:
+        means = window.means()
+        loss = means.get("loss", math.nan)
+        if not math.isfinite(loss):
+            hint = " (fp16: try amp=bf16)" if self.task.amp == "fp16" else ""
+            raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}){hint}: {means}")
+        dt = max(time.time() - window.since, 1e-9)
+        steps = window.micro / max(self.task.accum, 1)
+        fields = {
+            "epoch": epoch,
+            **self.task.log_fields(),
+            **means,
+            "lr": self.stepper.lr(step - 1),
+            "images_per_s": window.images * self.env.world_size / dt,
+            "s_per_step": dt / max(steps, 1e-9),
+        }
+        if grad_norm is not None:
+            fields["grad_norm"] = float(grad_norm)
+        self.log.log(step, **fields)
+        self.log.update(0, loss=loss, lr=fields["lr"], img_s=fields["images_per_s"])
+        window.reset()
+
+    def _evaluate(self, step: int) -> float:
+        """Evaluate, log the scalar metrics, keep them for results.json; returns the seconds it took."""
+        t0 = time.time()
+        metrics = self.task.evaluate(step)
+        seconds = time.time() - t0
+        if metrics is not None:
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.log.log(step, prefix="val/", **scalars, eval_s=seconds)
+            self.last_eval = {"step": step, "metrics": metrics}
+        self.task.train_mode()
+        return seconds
+
+    def save_last(self, layout: Layout, step: int) -> None:
+        """checkpoint-last.pth: the task's state, the Stepper, every rank's RNG, the engine's bookkeeping
+        (collective: every rank calls it)."""
+        task = self.task
+        rngs = engine.gather_rng_states()
+        task_state = task.state_dict()  # on every rank: it may reduce counts across processes
+        corrupt = self._gathered_corrupt()
+        if self.env.is_main:
+            path = task.out / "checkpoint-last.pth"
+            self.checkpoints["last"] = str(path)
+            state = {
+                **task_state,
+                "stepper": self.stepper.state_dict(),
+                "rng": rngs,
+                "epoch": layout.epoch_of(step),
+                "step": step,
+                "engine": {
+                    "data": {"images": task.train_sampler.n, "batches_per_epoch": layout.batches},
+                    "checkpoints": self.checkpoints,
+                    "last_eval": self.last_eval,
+                    "corrupt": corrupt,
+                },
+                "meta": {"format": task.format, "pretraining": self.pretraining, **task.meta()},
+                "config": to_dict(self.cfg),
+            }
+            ckpt.save(state, path)
+        dist.barrier()
+
+    def _results(self, speed: dict) -> dict:
+        task = self.task
+        record = task.results(self.last_eval["metrics"] if self.last_eval else None)
+        record.setdefault("pretraining", self.pretraining)
+        record.setdefault("checkpoints", dict(self.checkpoints))
+        record["speed"] = speed
+        record.setdefault("config", str(task.out / "config.yaml"))
+        corrupt = self._gathered_corrupt()
+        record["corrupt_images"] = {
+            split: {"count": len(files), "files": sorted(files)[:1000]} for split, files in sorted(corrupt.items())
+        }
+        counts = ", ".join(f"{len(files)} {split}" for split, files in sorted(corrupt.items()) if files)
+        if counts:
+            self.log.write(f"data.skip_corrupt: {counts} corrupt image(s) skipped; named in results.json")
+        if self.env.is_main:
+            write_results(task.out, task.name, **record)
+        return record
+
+    def evaluate_only(self) -> dict:
+        """No training: build the task for evaluation (`build(None)` with the task's own evaluation settings),
+        evaluate once, write results.json."""
+        task, env = self.task, self.env
+        engine.seed_everything(self.cfg.seed, env.rank)
+        task.build(None)
+        self._watch_corrupt(None)
+        self.pretraining = task.pretraining()
+        self.log = RunLogger(task.out, enabled=env.is_main, tensorboard=self.cfg.log.tensorboard)
+        if env.is_main:
+            save_config(self.cfg, task.out / "config.yaml")
+        self._evaluate(0)
+        self.log.close()
+        return self._results({})
+
+
+def fit(task: Task) -> dict:
+    """Train `task` to its end (or to its `max_*` stop) and return its results record."""
+    return Trainer(task).fit()
+
+
+def checked(task_cls, cfg):
+    """`cfg` typed and checked against the task's schema (`core.config.validate`), before any compute."""
+    return validate(cfg, task_cls.schema) if task_cls.schema is not None else cfg
+
+
+def run(task_cls, cfg) -> dict:
+    """Check the config, set up this process (torchrun / SLURM / single), train `task_cls(cfg, env)`, always
+    tear down."""
+    cfg = checked(task_cls, cfg)
+    env = dist.init(cfg.device)
+    try:
+        return fit(task_cls(cfg, env))
+    finally:
+        dist.shutdown()
+
+
+def run_evaluation(task_cls, cfg) -> dict:
+    """As `run`, evaluating the task's weights without training."""
+    cfg = checked(task_cls, cfg)
+    env = dist.init(cfg.device)
+    try:
+        return Trainer(task_cls(cfg, env)).evaluate_only()
+    finally:
+        dist.shutdown()

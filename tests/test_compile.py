@@ -1,0 +1,62 @@
+"""The compiled training step (`compile=true`): teacher forward, student forward and the loss trace as one graph
+(no breaks), and in bf16 its loss stays within the noise of the eager fp32 step on the same batch."""
+
+import pytest
+import torch
+from conftest import pretrain_config
+
+from core.dist import DistEnv
+from core.trainer import micro_batches
+from pretrain.train import Pretrain
+
+
+def one_batch(tiny_imagenet, tmp_path):
+    task = Pretrain(pretrain_config(tiny_imagenet, tmp_path / "o", "amp=bf16"), DistEnv())
+    task.build(None)
+    task.train_mode()
+    _, _, batch = next(micro_batches(task.train_loader, task.train_sampler, 4, 0))
+    return task, task.prepare(batch, 0, 0)
+
+
+def mask_noise(task, images, spec) -> float:
+    """How much the fp32 loss of this batch moves when only the mask is drawn again."""
+    g = torch.Generator().manual_seed(1)
+    return torch.tensor([task.forward(task.student, images, torch.rand(spec.shape, generator=g)).get("loss").item()
+                         for _ in range(6)]).std().item()  # fmt: skip
+
+
+def test_the_step_is_one_graph_and_bf16_stays_within_the_mask_noise(tiny_imagenet, tmp_path):
+    task, (images, spec) = one_batch(tiny_imagenet, tmp_path)
+    eager = task.forward(task.student, images, spec)["loss"]
+    eager.backward()
+    grads = [p.grad.clone() for p in task.student.parameters() if p.grad is not None]
+    task.student.zero_grad(set_to_none=True)
+    step = torch.compile(task.forward, backend="aot_eager", fullgraph=True)  # a graph break would raise here
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled = step(task.student, images, spec)["loss"]
+    compiled.backward()
+    noise = mask_noise(task, images, spec)
+    assert noise > 0 and abs(compiled.item() - eager.item()) < noise, (compiled.item(), eager.item(), noise)
+    # the gradient of the bf16 graph points the same way as the fp32 one
+    new = torch.cat([p.grad.flatten() for p in task.student.parameters() if p.grad is not None])
+    assert torch.nn.functional.cosine_similarity(new, torch.cat([g.flatten() for g in grads]), dim=0) > 0.99
+
+
+@pytest.mark.slow
+def test_inductor_compiled_bf16_run_follows_the_eager_fp32_run(tiny_imagenet, tmp_path):
+    """The engine's own path (`compile=true amp=bf16`, inductor on CPU): per-step losses of two stages within
+    the mask noise of the eager fp32 run's."""
+    import json
+
+    from pretrain.train import run
+
+    def losses(out, *extra):
+        run(pretrain_config(tiny_imagenet, out, "stages.epochs=[0,1,2]", *extra))
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    eager = losses(tmp_path / "eager")
+    compiled = losses(tmp_path / "compiled", "compile=true", "amp=bf16")
+    task, (images, spec) = one_batch(tiny_imagenet, tmp_path)
+    noise = mask_noise(task, images, spec)
+    assert len(eager) == len(compiled) == 8
+    assert max(abs(a - b) for a, b in zip(eager, compiled)) < 3 * noise, (eager, compiled, noise)

@@ -1,0 +1,5 @@
+import sys
+
+from tools.table.cli import main
+
+sys.exit(main())
