@@ -17,6 +17,7 @@ The pieces every study and the pretraining loop's online probe share:
   few hundred images it would leave the head near its initial value. Top-1 after the last epoch (no
   selection on the validation set).
 - `probe(encoder, train_loader, val_loader, device)`: both on one extraction, `{"knn": .., "linprobe": ..}`.
+- `OnlineProbe`: the same, on a (subsampled) labelled root, as pretraining calls it every `probe.every` epochs.
 
 Features are extracted once (no augmentation), so a probe costs one forward pass over the labelled images.
 """
@@ -167,12 +168,24 @@ def probe(
     return {"knn": knn_top1(train_f, train_y, val_f, val_y, k=k), "linprobe": lin["top1"]}
 
 
-def eval_loaders(root, img_size: int, batch: int = 256, workers: int = 0):
+def subsample(n: int, limit: int | None) -> list[int]:
+    """At most `limit` of the indices 0..n-1, evenly spread (every class of a sorted ImageFolder keeps its
+    share); all of them when `limit` is None or >= n."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return [int(i * n / limit) for i in range(limit)]
+
+
+def eval_loaders(
+    root, img_size: int, batch: int = 256, workers: int = 0, max_train: int | None = None, max_val: int | None = None
+):
     """Loaders of `<root>/train` and `<root>/val` (ImageNet layout) with the evaluation transform of the
-    fine-tuning recipes (resize to img_size / 0.875 bicubic, centre crop, ImageNet mean/std), in order."""
+    fine-tuning recipes (resize to img_size / 0.875 bicubic, centre crop, ImageNet mean/std), in order;
+    `max_train` / `max_val`: an even subsample of at most that many images. The loaders draw from a private
+    generator, so probing leaves the global random state (and so the training it interrupts) untouched."""
     from pathlib import Path
 
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
     from torchvision import transforms
 
     from core.data import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageFolder
@@ -190,4 +203,37 @@ def eval_loaders(root, img_size: int, batch: int = 256, workers: int = 0):
     val = ImageFolder(root / "val", tf, what="probe data (val split)")
     if train.classes != val.classes:
         raise DataError(f"probe data {root}: train and val class folders differ")
-    return tuple(DataLoader(d, batch_size=batch, shuffle=False, num_workers=workers) for d in (train, val))
+    sets = (Subset(train, subsample(len(train), max_train)), Subset(val, subsample(len(val), max_val)))
+    return tuple(
+        DataLoader(d, batch_size=batch, shuffle=False, num_workers=workers, generator=torch.Generator()) for d in sets
+    )
+
+
+class OnlineProbe:
+    """The probe a training run calls every few epochs: `probe(encoder, device)` -> `{"knn", "linprobe"}` on
+    a labelled ImageNet-layout root (loaders built on the first call, features re-extracted every call)."""
+
+    def __init__(
+        self,
+        root,
+        img_size: int,
+        *,
+        epochs: int = 100,
+        pool: str = "avg",
+        max_train: int | None = None,
+        max_val: int | None = None,
+        batch: int = 256,
+        workers: int = 0,
+        seed: int = 0,
+    ):
+        self.root, self.img_size, self.epochs, self.pool, self.seed = root, img_size, epochs, pool, seed
+        self.limits, self.batch, self.workers = (max_train, max_val), batch, workers
+        self._loaders = None
+
+    def __call__(self, encoder, device) -> dict:
+        if self._loaders is None:
+            self._loaders = eval_loaders(self.root, self.img_size, self.batch, self.workers, *self.limits)
+        train, val = self._loaders
+        scores = probe(encoder, train, val, device, epochs=self.epochs, pool=self.pool, seed=self.seed)
+        scores["probe_images"] = len(train.dataset) + len(val.dataset)
+        return scores

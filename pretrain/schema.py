@@ -132,6 +132,16 @@ class Data:
 
 
 @dataclass
+class Probe:
+    every: int | None = option(ge=1)
+    root: str | None = option()
+    train_images: int | None = option(ge=1)
+    val_images: int | None = option(ge=1)
+    epochs: int = option(ge=1)
+    pool: str = option(choices=("avg", "token"))
+
+
+@dataclass
 class Log:
     every: int = option(ge=1)
     save_every_epochs: int | None = option(ge=1)
@@ -148,6 +158,7 @@ class PretrainConfig(RunOptions):
     stages: StagesSection = section(StagesSection)
     optim: Optim = section(Optim)
     data: Data = section(Data)
+    probe: Probe = section(Probe)
     log: Log = section(Log)
 
     @staticmethod

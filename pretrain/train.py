@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from core import checkpoint as ckpt
-from core import datapath, dist, engine, trainer, weights
+from core import datapath, dist, engine, probe, trainer, weights
 from core.config import ConfigError, check_file, check_folder, to_dict
 from core.optim import adamw, mae_pretrain_groups, warmup_cosine
 from core.vit import preset
@@ -56,6 +56,16 @@ class Plan:
         check_file("teacher.checkpoint", t.checkpoint)
         if cfg.target.kind == "timm":
             check_file("target.timm.checkpoint", cfg.target.timm.checkpoint)
+        self.probe_root = None
+        if cfg.probe.every is not None:
+            name, self.probe_root = ("probe.root", cfg.probe.root) if cfg.probe.root else ("data.root", cfg.data.root)
+            missing = [s for s in ("train", "val") if not (Path(self.probe_root) / s).is_dir()]
+            if missing:
+                raise ConfigError(
+                    f"probe.every={cfg.probe.every}: {name}={self.probe_root} has no {'/, '.join(missing)}/ (the "
+                    "online probe needs a labelled ImageNet layout <root>/{train,val}/<class>/*.jpg); set probe.root "
+                    "or probe.every=null"
+                )
 
     def student_arch(self, stage: int) -> dict:
         return {**self.arch, "depth": self.depths[stage]}
@@ -170,6 +180,35 @@ class Pretrain(trainer.Task):
     @property
     def save_every(self):
         return self.cfg.log.save_every_epochs
+
+    @property
+    def eval_every(self):
+        return self.cfg.probe.every  # None: no online probe
+
+    def evaluate(self, step: int) -> dict | None:
+        """The online probe of the student's frozen encoder (probe.every epochs, and at the end): k-NN and a
+        linear head on a labelled split (metrics.jsonl `knn`, `linprobe`; TensorBoard val/*), on the main
+        process (the others go on to wait at the next step)."""
+        if self.plan.probe_root is None or not self.env.is_main:
+            return None
+        if getattr(self, "online_probe", None) is None:
+            p = self.cfg.probe
+            self.online_probe = probe.OnlineProbe(
+                self.plan.probe_root,
+                self.plan.arch["img_size"],
+                epochs=p.epochs,
+                pool=p.pool,
+                max_train=p.train_images,
+                max_val=p.val_images,
+                workers=min(self.cfg.data.workers, 4),
+                seed=self.cfg.seed,
+            )
+        scores = self.online_probe(self.student, self.device)
+        self.write(
+            f"probe at step {step} (stage {self.stage}): k-NN {scores['knn']:.2f}, linear {scores['linprobe']:.2f} "
+            f"top-1 on {self.plan.probe_root}/val"
+        )
+        return scores
 
     def check_resume(self, path, state) -> None:
         want, have = self.plan.student_arch(int(state["stage"])), state["meta"]["student_arch"]
@@ -318,7 +357,10 @@ class Pretrain(trainer.Task):
             "model": cfg.model.size,
             "dataset": str(cfg.data.root),
             "checkpoint": cfg.teacher.checkpoint,
-            "metrics": {f"stage{k}_loss": v for k, v in self.stage_losses.items()},
+            "metrics": {
+                **{f"stage{k}_loss": v for k, v in self.stage_losses.items()},
+                **{f"probe_{k}": last_eval[k] for k in ("knn", "linprobe") if last_eval and k in last_eval},
+            },
             "eval_images": None,
             "student": cfg.model.kind,
             "stages": self.plan.stages.boundaries,

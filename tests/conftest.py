@@ -59,6 +59,7 @@ PRETRAIN_MICRO = [
     "log.every=1",
     "log.save_every_epochs=1",
     "log.tensorboard=false",
+    "probe.every=null",  # the tiny recipe probes every 2 epochs; tests/test_pretrain.py tests the probe itself
 ]
 
 

@@ -283,3 +283,31 @@ def test_resumed_run_logs_each_step_once_and_lists_every_checkpoint(tiny_imagene
     steps = [r["step"] for r in metrics(out)]
     assert steps == sorted(set(steps)) and steps == list(range(1, 9)), steps
     assert {"stage0_student", "stage0_teacher", "stage1_student", "stage1_teacher", "last"} <= set(res["checkpoints"])
+
+
+def test_online_probe_is_logged_and_leaves_training_unchanged(uninterrupted, tiny_imagenet, tmp_path):
+    """probe.every=1: knn and linprobe after every epoch (metrics.jsonl; val/* in TensorBoard) and in results.json; the
+    student trains exactly as without the probe, also across a resume (the probe draws no global randomness)."""
+    full_out, _ = uninterrupted
+    out = tmp_path / "probed"
+    probed = ("stages.epochs=[0,2,4]", "probe.every=1", "probe.epochs=5", "probe.train_images=40")
+    run(pretrain_config(tiny_imagenet, out, *probed, "max_epochs=2"))
+    results = run(pretrain_config(tiny_imagenet, out, *probed))
+    a, b = ckpt.load(full_out / "checkpoint-last.pth"), ckpt.load(out / "checkpoint-last.pth")
+    assert_same_state(a, b)
+    lines = metrics(out)
+    assert [r["loss"] for r in lines if "loss" in r] == [r["loss"] for r in metrics(full_out)]
+    probes = [r for r in lines if "linprobe" in r]
+    steps_per_epoch = a["stepper"]["step"] // 4
+    assert [r["step"] for r in probes] == [steps_per_epoch * e for e in (1, 2, 3, 4)]
+    for r in probes:
+        assert 0.0 <= r["knn"] <= 100.0 and 0.0 <= r["linprobe"] <= 100.0 and r["probe_images"] > 40
+    assert results["metrics"]["probe_linprobe"] == probes[-1]["linprobe"]
+    assert results["metrics"]["probe_knn"] == probes[-1]["knn"]
+
+
+def test_online_probe_needs_a_labelled_split(tiny_imagenet, tmp_path):
+    with pytest.raises(ConfigError, match=r"probe.every=1: probe.root=.* has no train/, val/"):
+        run(pretrain_config(tiny_imagenet, tmp_path / "o", "probe.every=1", f"probe.root={tiny_imagenet / 'train'}"))
+    with pytest.raises(ConfigError, match="probe.every"):
+        run(pretrain_config(tiny_imagenet, tmp_path / "o", "probe.every=0"))

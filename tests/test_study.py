@@ -167,7 +167,7 @@ def micro(tmp_path_factory):
     recipe = root / "micro_finetune.yaml"
     recipe.write_text(MICRO_FINETUNE)
     common = ["--data", str(data), "--seeds", "0", "1", "--stages", "2", "--epochs", "1", "--device", "cpu"]
-    common += ["--workers", "0", "--probe-epochs", "2", "--finetune-recipe", str(recipe)]
+    common += ["--workers", "0", "--jobs", "1", "--probe-epochs", "2", "--finetune-recipe", str(recipe)]
     return root, common, [o for o in PRETRAIN_MICRO if not o.startswith("stages.")]
 
 
@@ -213,7 +213,7 @@ def test_micro_wider_distils_from_both_teachers(micro):
     assert set(summary["protocols"]["linprobe"]) == {"same", "wider", "teacher_same", "teacher_wider"}
     assert set(summary["protocols"]["finetune"]) == {"same", "wider", "teacher_same"}
     res = json.loads((out / "pretrain" / "from-wider-s0" / "results.json").read_text())
-    assert res["stages"] == [0, 1] and "wide-s0" in res["teacher"]
+    assert res["stages"] == [0, 1] and "wide-s0" in res["target"]
     student = json.loads((out / "pretrain" / "wide-s0" / "results.json").read_text())
     assert student["model"] == "tiny_wide"
     assert "d_wider_minus_same" in json.loads((out / "wider.json").read_text())["claims"]["finetune"]

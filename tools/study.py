@@ -48,7 +48,15 @@ TARGETS = ("teacher", "pixels", "hog", "ema")
 # finetune/configs/<finetune>.yaml.
 SCALES = {
     "cpu": dict(
-        data="cpu", model="tiny", wide="tiny_wide", pretrain="study", finetune="tiny", stages=2, epochs=3, workers=1
+        data="cpu",
+        model="tiny",
+        wide="tiny_wide",
+        pretrain="study",
+        finetune="tiny",
+        stages=2,
+        epochs=2,
+        workers=1,
+        jobs=2,  # the two seeds side by side, one core each
     ),
     "gpu": dict(
         data="gpu",
@@ -59,6 +67,7 @@ SCALES = {
         stages=2,
         epochs=4,
         workers=12,
+        jobs=1,
     ),
 }
 
@@ -103,7 +112,7 @@ def check_args(args) -> None:
 def resolve(args) -> argparse.Namespace:
     """Fill the scale's defaults into the arguments left unset."""
     scale = SCALES[args.scale]
-    for key in ("model", "stages", "epochs", "workers"):
+    for key in ("model", "stages", "epochs", "workers", "jobs"):
         if getattr(args, key) is None:
             setattr(args, key, scale[key])
     if getattr(args, "wide", "unset") is None:
@@ -150,6 +159,10 @@ def pretrain(args, data: Path, name: str, overrides: list[str], stages: int | No
                 f"data.workers={args.workers}",
                 f"model.size={args.model}",
                 f"stages.epochs=[{','.join(str(i * args.epochs) for i in range(n + 1))}]",
+                # the online probe on the labelled split after every epoch: the learning curve in metrics.jsonl
+                "probe.every=1",
+                f"probe.root={labelled_root(data)}",
+                f"probe.epochs={args.probe_epochs}",
                 *overrides,
                 *args.overrides,
             ],
@@ -571,7 +584,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="auto", help="auto | cpu | cuda")
         s.add_argument("--workers", type=int, default=None, help="data-loader workers per run")
         s.add_argument("--data-workers", type=int, default=0, help="processes generating the study set")
-        s.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (threads shared out)")
+        s.add_argument(
+            "--jobs",
+            type=int,
+            default=None,
+            help="seeds in parallel processes, threads shared out (default: the scale's)",
+        )
         s.add_argument(
             "--no-finetune", dest="finetune", action="store_false", help="frozen-feature protocols only (cheap)"
         )
