@@ -54,8 +54,9 @@ class OursStep:
         from core import engine
         from pretrain import train
 
+        cfg = cfg.copy()
+        cfg.probe.every = None  # the step is timed, not the online probe between epochs
         if not Path(cfg.data.root).is_dir():  # synthetic data: the plan's data check needs some folder
-            cfg = cfg.copy()
             cfg.data.root = "."
         self.task = task = train.Pretrain(cfg, DistEnv(device=device))
         self.plan = plan = task.plan
@@ -359,6 +360,7 @@ def bench_loader(args) -> dict:
     from pretrain import train
 
     cfg = speed.bench_config(CONFIGS, args, BATCH_KEYS)
+    cfg.probe.every = None  # a loader benchmark: no labelled split needed
     device = speed.resolve_device(cfg.device)
     plan = train.Plan(cfg, DistEnv(device=device))
     masker = train.build_masker(plan)
@@ -405,6 +407,7 @@ def compare_loaders(args) -> dict:
     from pretrain import train
 
     cfg = speed.bench_config(CONFIGS, args, BATCH_KEYS)
+    cfg.probe.every = None  # a loader benchmark: no labelled split needed
     device = speed.resolve_device(cfg.device)
     plan = train.Plan(cfg, DistEnv(device=device))
     masker = train.build_masker(plan)

@@ -54,7 +54,7 @@ SCALES = {
         pretrain="study",
         finetune="tiny",
         stages=2,
-        epochs=2,
+        epochs=3,
         workers=1,
         jobs=2,  # the two seeds side by side, one core each
     ),
@@ -606,11 +606,47 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def recipe_text(folder: str, recipe: str) -> str:
+    path = Path(recipe) if recipe.endswith(".yaml") else REPO / folder / "configs" / f"{recipe}.yaml"
+    return path.read_text() if path.is_file() else recipe
+
+
+def check_settings(args) -> None:
+    """The run folders and evaluations under --out are reused by a rerun, so a rerun must be the same study:
+    `<out>/settings.json` records what decides their content, and other settings are refused."""
+    settings = {
+        "model": args.model,
+        "stages": args.stages,
+        "epochs_per_stage": args.epochs,
+        "pretrain_recipe": recipe_text("pretrain", args.pretrain_recipe),
+        "finetune_recipe": recipe_text("finetune", args.finetune_recipe),
+        "pretrain_overrides": list(args.overrides),
+        "probe_epochs": args.probe_epochs,
+        "finetune": args.finetune,
+        "data": str(args.data),
+        "wide": getattr(args, "wide", None),
+    }
+    path = Path(args.out) / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(
+            k for k in settings if old.get(k) is not None and settings[k] is not None and old[k] != settings[k]
+        )
+        if diff:
+            raise ConfigError(
+                f"--out {args.out} holds a study with other settings ({', '.join(diff)} differ; see {path}): its runs "
+                "would be reused; give another --out or remove that folder"
+            )
+        settings = {**old, **{k: v for k, v in settings.items() if v is not None}}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     args.out = args.out or str(REPO / "runs" / f"study-{args.scale}")
     resolve(args)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    check_settings(args)
     return run_targets(args) if args.command == "targets" else run_wider(args)
 
 
