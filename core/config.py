@@ -132,6 +132,15 @@ class RunOptions:
     resume: str | None = option()
 
 
+@dataclass
+class IterationLog:
+    """`log.*` of the tasks that count iterations (detection, segmentation)."""
+
+    every: int = option(ge=1)
+    save_every: int | None = option(ge=1)
+    tensorboard: bool = option()
+
+
 def _num(v) -> str:
     return "inf" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
 

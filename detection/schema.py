@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import ConfigError, RunOptions, option, section
+from core.config import ConfigError, IterationLog, RunOptions, option, section
 from core.vit import PRESETS, preset
 from detection.evaluate import BACKENDS
 
@@ -76,13 +76,6 @@ class Eval:
 
 
 @dataclass
-class Log:
-    every: int = option(ge=1)
-    save_every: int | None = option(ge=1)
-    tensorboard: bool = option()
-
-
-@dataclass
 class DetectionConfig(RunOptions):
     max_iters: int | None = option(ge=1)
     checkpoint: str | None = option()
@@ -91,7 +84,7 @@ class DetectionConfig(RunOptions):
     data: Data = section(Data)
     optim: Optim = section(Optim)
     eval: Eval = section(Eval)
-    log: Log = section(Log)
+    log: IterationLog = section(IterationLog)
 
     @staticmethod
     def check(cfg) -> None:
