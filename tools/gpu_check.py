@@ -123,7 +123,7 @@ def plan_steps(args, cuda: bool) -> list[dict]:
             cmd=[*py, "pretrain", "-c", model, *device, f"data.root={jpegs}", f"out={Path(args.out) / 'pretrain'}"]
             + [f"stages.epochs={epochs}", f"data.batch_per_gpu={batch}", f"optim.global_batch={batch}"]
             + ["optim.warmup_epochs=1", "data.backend=gpu", "data.workers=" + ("0" if dry else "8")]
-            + ["log.every=5", "log.tensorboard=false", "resume=none"],
+            + ["log.every=5", "log.tensorboard=false", "resume=none", "probe.every=null"],  # unlabeled JPEGs
             limit=DRY_LIMIT if dry else 120,
             needs="jpegs",
         )
