@@ -355,8 +355,9 @@ def _worker_cpu_seconds(iterator) -> float | None:
     return total
 
 
-def bench_loader(args) -> dict:
-    """Images/s of the input pipeline alone (loader + to_device), and its CPU cost per image."""
+def _loader_setup(args):
+    """The recipe's config, device, pretraining plan and a `make(data_cfg)` building its data path (masks
+    drawn as in training), for the loader benchmarks."""
     from pretrain import train
 
     cfg = speed.bench_config(CONFIGS, args, BATCH_KEYS)
@@ -364,14 +365,24 @@ def bench_loader(args) -> dict:
     device = speed.resolve_device(cfg.device)
     plan = train.Plan(cfg, DistEnv(device=device))
     masker = train.build_masker(plan)
-    data = datapath.pretrain_data(
-        cfg.data,
-        plan.train_root,
-        plan.arch["img_size"],
-        seed=int(cfg.seed),
-        env=DistEnv(device=device),
-        extra=masker.sample,
-    )
+
+    def make(data_cfg):
+        return datapath.pretrain_data(
+            data_cfg,
+            plan.train_root,
+            plan.arch["img_size"],
+            seed=int(cfg.seed),
+            env=DistEnv(device=device),
+            extra=masker.sample,
+        )
+
+    return cfg, device, plan, make
+
+
+def bench_loader(args) -> dict:
+    """Images/s of the input pipeline alone (loader + to_device), and its CPU cost per image."""
+    cfg, device, plan, make = _loader_setup(args)
+    data = make(cfg.data)
     it = iter(data.loader)
     batches = _restarting(data, it)
     for _ in range(max(args.warmup, 1)):
@@ -404,25 +415,12 @@ def bench_loader(args) -> dict:
 def compare_loaders(args) -> dict:
     """Several data backends in one process, timed in turns (`--rounds` x `--steps` batches each): CPU ms per
     image (this process + workers) and images/s per backend, and each one's speed-up over the first."""
-    from pretrain import train
-
-    cfg = speed.bench_config(CONFIGS, args, BATCH_KEYS)
-    cfg.probe.every = None  # a loader benchmark: no labelled split needed
-    device = speed.resolve_device(cfg.device)
-    plan = train.Plan(cfg, DistEnv(device=device))
-    masker = train.build_masker(plan)
+    cfg, device, plan, make = _loader_setup(args)
     runs = {}
     for backend in args.compare:
         c = cfg.data.copy()
         c.backend = backend
-        data = datapath.pretrain_data(
-            c,
-            plan.train_root,
-            plan.arch["img_size"],
-            seed=int(cfg.seed),
-            env=DistEnv(device=device),
-            extra=masker.sample,
-        )
+        data = make(c)
         it = iter(data.loader)
         runs[backend] = (data, it, _restarting(data, it))
         data.to_device(next(runs[backend][2]), device)  # start-up
