@@ -113,6 +113,17 @@ def test_claims_by_hand():
     assert "finetune: (a) final student - random init: teacher +8.0, pixels -2.0 -> does not hold" in md
 
 
+def test_wall_time_counts_every_invocation_into_the_folder(tmp_path):
+    """A rerun that reuses every run takes seconds; the study's time is the sum of the invocations that
+    filled the folder (per command), and the table says which is which."""
+    assert study.record_wall_time(tmp_path, "targets", 1500.0) == 1500.0
+    assert study.record_wall_time(tmp_path, "wider", 900.0) == 900.0
+    assert study.record_wall_time(tmp_path, "targets", 6.0) == 1506.0
+    assert study.wall_time({"seconds": 60.0, "seconds_total": 60.0}) == "Wall time 1.0 min."
+    line = study.wall_time({"seconds": 6.0, "seconds_total": 1506.0})
+    assert line.startswith("Wall time 0.1 min in this invocation") and "25.1 min over all invocations" in line
+
+
 # ----------------------------------------------------------------------------------- argument errors
 @pytest.mark.parametrize(
     "argv, message",
@@ -168,7 +179,8 @@ def micro(tmp_path_factory):
     recipe.write_text(MICRO_FINETUNE)
     common = ["--data", str(data), "--seeds", "0", "1", "--stages", "2", "--epochs", "1", "--device", "cpu"]
     common += ["--workers", "0", "--jobs", "1", "--probe-epochs", "2", "--finetune-recipe", str(recipe)]
-    return root, common, [o for o in PRETRAIN_MICRO if not o.startswith("stages.")]
+    # the online probe stays on (the study's curves.png); PRETRAIN_MICRO turns it off for the other tests
+    return root, common, [o for o in PRETRAIN_MICRO if not o.startswith(("stages.", "probe.every"))]
 
 
 def test_micro_study_writes_study_json_in_the_issue_shape(micro):
@@ -178,6 +190,7 @@ def test_micro_study_writes_study_json_in_the_issue_shape(micro):
     summary = study.main(argv)  # the two seeds in two processes
     on_disk = json.loads((out / "study.json").read_text())
     assert on_disk["protocols"] == summary["protocols"]
+    assert (out / "curves.png").stat().st_size > 0 and (out / "study.png").stat().st_size > 0
     assert set(on_disk["protocols"]) == {"linprobe", "finetune", "knn"}
     for p in on_disk["protocols"].values():
         assert set(p["random_init"]) == {"mean", "seeds"} and len(p["random_init"]["seeds"]) == 2
@@ -259,3 +272,24 @@ def test_a_rerun_with_other_settings_is_refused(micro, tmp_path):
     with pytest.raises(ConfigError, match=r"holds a study with other settings \(epochs_per_stage differ"):
         study.main(argv)
     assert not (out / "pretrain").exists()
+
+
+def test_probe_curve_reads_epochs_from_steps_and_refuses_a_run_without_probe(tmp_path):
+    """Probes every 2 epochs of 50 steps, the last one at the end of a 5-epoch run (epoch 5, not 6)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("probe: {every: 2}\nstages: {epochs: [0, 3, 5]}\n")
+    lines = [{"step": 10, "loss": 1.0}] + [
+        {"step": s, "knn": k, "linprobe": lp} for s, k, lp in ((100, 10.0, 20.0), (200, 11.0, 22.0), (250, 12.0, 25.0))
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    c = study.probe_curve(run)
+    assert c["epoch"] == [2.0, 4.0, 5.0] and c["stages"] == [0, 3, 5]
+    assert c["linprobe"] == [20.0, 22.0, 25.0] and c["knn"] == [10.0, 11.0, 12.0]
+    study.main(["curves", str(run), "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 0
+    (run / "config.yaml").write_text("probe: {every: null}\nstages: {epochs: [0, 3, 5]}\n")
+    with pytest.raises(ConfigError, match="no online-probe lines"):
+        study.probe_curve(run)
+    with pytest.raises(ConfigError, match="has no config.yaml"):
+        study.main(["curves", str(tmp_path), "--out", str(tmp_path / "d.png")])

@@ -3,6 +3,7 @@
     python -m tools.study targets            # claims (a)-(c): make study
     python -m tools.study wider              # claim (d): make study-wider
     python -m tools.study targets --scale gpu --device cuda     # the larger version (ViT-S/8 at 64 px)
+    python -m tools.study curves RUN [RUN ...] --out curves.png    # online-probe curves of any pretraining runs
 
 `targets`: for every seed and every first target (default: the random teacher and pixels) one dBOT run of
 `--stages` stages with bootstrapped teachers; then random initialisation and every stage's student are
@@ -21,7 +22,8 @@ under `finetune/`), so an interrupted study resumes where it stopped when starte
 command, and `make table` can read the runs. Outputs: `study.json` (`{"protocols": {"linprobe": {
 "random_init": {"mean", "seeds"}, "targets": {"teacher": [{"mean", "seeds"} per stage], ...}}, ...}}`),
 `study.md`, `study.png` (score against stage, one line per first target, random init as a horizontal line,
-bars = min..max over seeds); `wider.json`, `wider.md` for claim (d). Every checkpoint the study loads prints
+bars = min..max over seeds), `curves.png` (every run's online probe against pretraining epoch);
+`wider.json`, `wider.md` for claim (d). Every checkpoint the study loads prints
 and records its load report. Extra `key=value` options after `--` go to every pretraining run.
 """
 
@@ -373,12 +375,18 @@ def run_targets(args) -> dict:
         "loads": loads,
         "seconds": round(time.time() - t0, 1),
     }
+    summary["seconds_total"] = record_wall_time(args.out, "targets", summary["seconds"])
     summary["claims"] = claims(summary)
     out = Path(args.out)
     (out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary)
     (out / "study.md").write_text(table + "\n")
     plot(summary, out / "study.png")
+    runs = {f"{slug(t)}, seed {s}": out / "pretrain" / f"{slug(t)}-s{s}" for t in args.targets for s in args.seeds}
+    if all('"linprobe"' in (r / "metrics.jsonl").read_text() for r in runs.values()):
+        plot_curves(runs, out / "curves.png", summary["protocols"])
+    else:
+        print("curves.png not written: the pretraining runs had the online probe off (probe.every=null)")
     print(table)
     return summary
 
@@ -449,12 +457,32 @@ def markdown(summary: dict) -> str:
                 f"- {name}: (c) spread between first targets: stage 0 {first:.1f} -> last stage {last:.1f} "
                 f"-> {verdict(c['c'])}"
             )
-    lines.append(f"\nWall time {summary['seconds'] / 60:.1f} min.")
+    lines.append("\n" + wall_time(summary))
     return "\n".join(lines)
 
 
 def verdict(ok) -> str:
     return "holds" if ok else "does not hold"
+
+
+def record_wall_time(out: Path, command: str, seconds: float) -> float:
+    """Add this invocation's wall time to `<out>/invocations.json` and return the total over every
+    invocation that filled the folder (an interrupted study, resumed, costs all its invocations)."""
+    path = Path(out) / "invocations.json"
+    past = json.loads(path.read_text()) if path.exists() else []
+    past.append({"command": command, "seconds": round(seconds, 1)})
+    path.write_text(json.dumps(past, indent=2) + "\n")
+    return round(sum(p["seconds"] for p in past if p["command"] == command), 1)
+
+
+def wall_time(summary: dict) -> str:
+    total, now = summary.get("seconds_total", summary["seconds"]), summary["seconds"]
+    if abs(total - now) < 1:
+        return f"Wall time {now / 60:.1f} min."
+    return (
+        f"Wall time {now / 60:.1f} min in this invocation (runs and evaluations already in the folder are reused); "
+        f"{total / 60:.1f} min over all invocations into it."
+    )
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -486,6 +514,68 @@ def plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def probe_curve(run_dir: Path) -> dict:
+    """The online probe's learning curve of a pretraining run folder (finished or not), read from its
+    metrics.jsonl and config.yaml: `{"epoch": [...], "linprobe": [...], "knn": [...], "stages": [0, ..]}`."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"linprobe"' in x]
+    if cfg.probe.every is None or not lines:
+        raise ConfigError(f"{run_dir}: no online-probe lines in metrics.jsonl (the run had probe.every=null)")
+    per_epoch = lines[0]["step"] / int(cfg.probe.every)  # the first probe follows epoch `every`
+    return {
+        "epoch": [round(x["step"] / per_epoch, 2) for x in lines],
+        "linprobe": [x["linprobe"] for x in lines],
+        "knn": [x["knn"] for x in lines],
+        "stages": [int(e) for e in cfg.stages.epochs],
+    }
+
+
+def plot_curves(runs: dict[str, Path], path: Path, random_init: dict | None = None) -> None:
+    """Linear probe and k-NN of every run's online probe against pretraining epoch (one line per run,
+    stage boundaries as ticks on the line), random init as a horizontal band from a study.json's
+    `protocols`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, name in zip(axes, ("linprobe", "knn"), strict=True):
+        if random_init is not None and name in random_init:
+            r = random_init[name]["random_init"]
+            ax.axhline(r["mean"], color="grey", ls="--", label="random init")
+            ax.axhspan(min(r["seeds"]), max(r["seeds"]), color="grey", alpha=0.15)
+        for label, run_dir in runs.items():
+            c = probe_curve(run_dir)
+            (line,) = ax.plot(c["epoch"], c[name], marker=".", label=label)
+            for b in c["stages"][1:-1]:
+                ax.axvline(b, color=line.get_color(), ls=":", lw=0.8)
+        ax.set_xlabel("pretraining epoch (dotted: stage switch)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"online probe: {name}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_curves(args) -> None:
+    """`curves`: the online-probe curves of the given pretraining run folders in one picture."""
+    labels = args.labels or [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise ConfigError(f"--labels: {len(args.runs)} run folders need {len(args.runs)} labels, got {len(labels)}")
+    for r in args.runs:
+        for f in ("config.yaml", "metrics.jsonl"):
+            if not (Path(r) / f).is_file():
+                raise ConfigError(f"curves: {r} has no {f} (expected a pretraining run folder)")
+    random_init = json.loads(Path(args.study).read_text())["protocols"] if args.study else None
+    plot_curves(dict(zip(labels, map(Path, args.runs), strict=True)), Path(args.out), random_init)
+    print(f"wrote {args.out}")
 
 
 def wider_seed(args, data: Path, evaluate: Evaluator, seed: int) -> dict:
@@ -535,6 +625,7 @@ def run_wider(args) -> dict:
         "loads": loads,
         "seconds": round(time.time() - t0, 1),
     }
+    summary["seconds_total"] = record_wall_time(args.out, "wider", summary["seconds"])
     summary["claims"] = {
         p: {"d_wider_minus_same": v["wider"]["mean"] - v["same"]["mean"], "d": v["wider"]["mean"] > v["same"]["mean"]}
         for p, v in summary["protocols"].items()
@@ -556,7 +647,7 @@ def run_wider(args) -> dict:
         lines.append(f"| {p} | {fmt(v['same'])} | {fmt(v['wider'])} | {d:+.1f} | {fmt(v['teacher_same'])} | {wide} |")
     for p, c in summary["claims"].items():
         lines.append(f"\n(d) {p}: wider - same {c['d_wider_minus_same']:+.1f} -> {verdict(c['d'])}")
-    lines.append(f"\nWall time {summary['seconds'] / 60:.1f} min.")
+    lines.append("\n" + wall_time(summary))
     table = "\n".join(lines)
     (out / "wider.md").write_text(table + "\n")
     print(table)
@@ -603,6 +694,11 @@ def parser() -> argparse.ArgumentParser:
             )
         else:
             s.add_argument("--wide", default=None, help="preset of the wider teacher (default: the scale's)")
+    c = sub.add_parser("curves", help="the online-probe curves of pretraining run folders in one picture")
+    c.add_argument("runs", nargs="+", help="pretraining run folders (config.yaml + metrics.jsonl, probe.every set)")
+    c.add_argument("--out", required=True, help="the picture to write (.png)")
+    c.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
+    c.add_argument("--study", default=None, help="a study.json whose random-init rows are drawn as bands")
     return p
 
 
@@ -644,6 +740,8 @@ def check_settings(args) -> None:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    if args.command == "curves":
+        return run_curves(args)
     args.out = args.out or str(REPO / "runs" / f"study-{args.scale}")
     resolve(args)
     check_settings(args)
