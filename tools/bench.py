@@ -496,5 +496,7 @@ def main(argv=None) -> None:
     print(json.dumps(res))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user error: one line `error: ...`, exit 2 (DBOT_DEBUG=1: the traceback)
+    from core import errors
+
+    sys.exit(errors.main(main))

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from core import checkpoint as ckpt
+from core import errors
 from core import probe as probes
 from core.config import ConfigError, load_config
 from core.vit import PRESETS, ViT, preset
@@ -383,10 +385,10 @@ def run_targets(args) -> dict:
     (out / "study.md").write_text(table + "\n")
     plot(summary, out / "study.png")
     runs = {f"{slug(t)}, seed {s}": out / "pretrain" / f"{slug(t)}-s{s}" for t in args.targets for s in args.seeds}
-    if all('"linprobe"' in (r / "metrics.jsonl").read_text() for r in runs.values()):
+    try:
         plot_curves(runs, out / "curves.png", summary["protocols"])
-    else:
-        print("curves.png not written: the pretraining runs had the online probe off (probe.every=null)")
+    except ConfigError as e:  # a run without the online probe (probe.every=null after --)
+        print(f"curves.png not written: {e}")
     print(table)
     return summary
 
@@ -522,10 +524,13 @@ def probe_curve(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
+    for f in ("config.yaml", "metrics.jsonl"):
+        if not (run_dir / f).is_file():
+            raise ConfigError(f"curves: {run_dir} has no {f} (expected a pretraining run folder)")
     cfg = OmegaConf.load(run_dir / "config.yaml")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"linprobe"' in x]
     if cfg.probe.every is None or not lines:
-        raise ConfigError(f"{run_dir}: no online-probe lines in metrics.jsonl (the run had probe.every=null)")
+        raise ConfigError(f"{run_dir}: no online-probe lines in metrics.jsonl (probe.every=null, or no probe yet)")
     per_epoch = lines[0]["step"] / int(cfg.probe.every)  # the first probe follows epoch `every`
     return {
         "epoch": [round(x["step"] / per_epoch, 2) for x in lines],
@@ -544,14 +549,14 @@ def plot_curves(runs: dict[str, Path], path: Path, random_init: dict | None = No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = {label: probe_curve(run_dir) for label, run_dir in runs.items()}  # every file checked before drawing
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, name in zip(axes, ("linprobe", "knn"), strict=True):
         if random_init is not None and name in random_init:
             r = random_init[name]["random_init"]
             ax.axhline(r["mean"], color="grey", ls="--", label="random init")
             ax.axhspan(min(r["seeds"]), max(r["seeds"]), color="grey", alpha=0.15)
-        for label, run_dir in runs.items():
-            c = probe_curve(run_dir)
+        for label, c in curves.items():
             (line,) = ax.plot(c["epoch"], c[name], marker=".", label=label)
             for b in c["stages"][1:-1]:
                 ax.axvline(b, color=line.get_color(), ls=":", lw=0.8)
@@ -569,11 +574,12 @@ def run_curves(args) -> None:
     labels = args.labels or [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
         raise ConfigError(f"--labels: {len(args.runs)} run folders need {len(args.runs)} labels, got {len(labels)}")
-    for r in args.runs:
-        for f in ("config.yaml", "metrics.jsonl"):
-            if not (Path(r) / f).is_file():
-                raise ConfigError(f"curves: {r} has no {f} (expected a pretraining run folder)")
-    random_init = json.loads(Path(args.study).read_text())["protocols"] if args.study else None
+    random_init = None
+    if args.study:
+        path = Path(args.study)
+        random_init = json.loads(path.read_text()).get("protocols") if path.is_file() else None
+        if random_init is None:
+            raise ConfigError(f"--study {path}: expected the study.json (with 'protocols') of tools.study targets")
     plot_curves(dict(zip(labels, map(Path, args.runs), strict=True)), Path(args.out), random_init)
     print(f"wrote {args.out}")
 
@@ -684,6 +690,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--no-finetune", dest="finetune", action="store_false", help="frozen-feature protocols only (cheap)"
         )
+        s.add_argument("--debug", action="store_true", help="show the traceback of a user error")
         s.add_argument("overrides", nargs="*", help="key=value options for every pretraining run (after --)")
         if name == "targets":
             s.add_argument(
@@ -699,6 +706,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="the picture to write (.png)")
     c.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
     c.add_argument("--study", default=None, help="a study.json whose random-init rows are drawn as bands")
+    c.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     return p
 
 
@@ -748,5 +756,5 @@ def main(argv=None) -> dict:
     return run_targets(args) if args.command == "targets" else run_wider(args)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user error: one line `error: ...`, exit 2 (--debug: the traceback)
+    sys.exit(errors.main(main))
