@@ -360,7 +360,7 @@ def test_coco_annotations_without_usable_masks_say_why(tiny_coco, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ tools
-def test_the_study_and_the_benchmark_print_one_error_line(tmp_path):
+def test_the_study_the_benchmark_and_compare_print_one_error_line(tmp_path):
     out = str(tmp_path / "c.png")
     assert_one_error_line(python_m("tools.study", "targets", "--stages", "0"), "--stages must be >= 1, got 0")
     missing = str(tmp_path / "nowhere")
@@ -372,10 +372,13 @@ def test_the_study_and_the_benchmark_print_one_error_line(tmp_path):
     bad.write_text("{}")
     args = ("curves", str(tmp_path / "run"), "--out", out)
     assert_one_error_line(python_m("tools.study", *args, "--study", str(bad)), "settings.json: expected the study.json")
+    bad.write_text("not json")
+    assert_one_error_line(python_m("tools.study", *args, "--study", str(bad)), "settings.json: expected the study.json")
     assert_one_error_line(python_m("tools.study", *args), "no online-probe lines")
     proc = python_m("tools.study", "targets", "--stages", "0", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
     assert_one_error_line(python_m("tools.bench", "pretrain", "-c", "nosuch"), "no recipe named 'nosuch'")
+    assert_one_error_line(python_m("tools.compare", missing, missing), "nowhere: not a readable results.json")
 
 
 def test_the_converter_prints_one_error_line(tmp_path):

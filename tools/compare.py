@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from core import errors
 from core.config import ConfigError
 
 SIGNIFICANT = 1.0  # points: below this difference the two are called even (one seed each)
@@ -54,11 +56,8 @@ def main(argv=None) -> None:
     p.add_argument("random_init", help="run folder (or results.json) of the same recipe from random init")
     p.add_argument("--metric", default="top1", help="key of results.json's metrics (default top1)")
     a = p.parse_args(argv)
-    try:
-        print(verdict(read(a.pretrained), read(a.random_init), a.metric))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    print(verdict(read(a.pretrained), read(a.random_init), a.metric))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user error: one line `error: ...`, exit 2, as every entry point
+    sys.exit(errors.main(main))

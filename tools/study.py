@@ -577,8 +577,12 @@ def run_curves(args) -> None:
     random_init = None
     if args.study:
         path = Path(args.study)
-        random_init = json.loads(path.read_text()).get("protocols") if path.is_file() else None
-        if random_init is None:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = None
+        random_init = record.get("protocols") if isinstance(record, dict) else None
+        if not isinstance(random_init, dict):
             raise ConfigError(f"--study {path}: expected the study.json (with 'protocols') of tools.study targets")
     plot_curves(dict(zip(labels, map(Path, args.runs), strict=True)), Path(args.out), random_init)
     print(f"wrote {args.out}")
