@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from core import datapath, speed
+from core import datapath, errors, speed
 from core.config import ConfigError
 from core.dist import DistEnv
 
@@ -497,6 +497,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":  # a user error: one line `error: ...`, exit 2 (DBOT_DEBUG=1: the traceback)
-    from core import errors
-
     sys.exit(errors.main(main))
