@@ -150,9 +150,9 @@ format: venv ## apply ruff formatting and safe fixes
 
 bench: venv ## throughput of MODEL (tiny, CPU by default) for each task in BENCH; ARGS go to each; see docs/BENCHMARKS.md
 	$(if $(filter pretrain,$(BENCH)),$(PY) -m tools.bench pretrain -c $(MODEL) $(ARGS))
-	$(if $(filter finetune,$(BENCH)),$(PY) -m finetune.bench -c $(MODEL) $(ARGS))
-	$(if $(filter coco,$(BENCH)),$(PY) -m detection.bench -c $(MODEL) $(ARGS))
-	$(if $(filter ade20k,$(BENCH)),$(PY) -m segmentation.bench -c $(MODEL) $(ARGS))
+	$(if $(filter finetune,$(BENCH)),$(PY) -m tools.bench finetune -c $(MODEL) $(ARGS))
+	$(if $(filter coco,$(BENCH)),$(PY) -m tools.bench coco -c $(MODEL) $(ARGS))
+	$(if $(filter ade20k,$(BENCH)),$(PY) -m tools.bench ade20k -c $(MODEL) $(ARGS))
 
 gpu-check: venv ## the prepared GPU check (~8 min on a GPU; ARGS='--dry-run' anywhere): RUNS/gpu-check/gpu_check.{json,md}
 	$(PY) -m tools.gpu_check --out $(RUNS)/gpu-check $(ARGS)

@@ -47,6 +47,9 @@ __all__ = [
     "option",
     "section",
     "RunOptions",
+    "RunLog",
+    "EpochRunOptions",
+    "IterRunOptions",
     "load_config",
     "validate",
     "check_file",
@@ -121,8 +124,18 @@ SEED_MAX = 2**32 - 1
 
 
 @dataclass
+class RunLog:
+    """`log.*`, the same keys in every task: what the engine logs and how often it writes checkpoint-last."""
+
+    every: int = option(ge=1)  # optimizer steps between metrics lines (and at every epoch end)
+    save_every: int | None = option(ge=1)  # checkpoint-last.pth every this many units (epochs or iterations)
+    tensorboard: bool = option()
+
+
+@dataclass
 class RunOptions:
-    """The options of the engine every task has (`core.trainer`); a task's schema adds its own."""
+    """The options of the engine every task has (`core.trainer` reads these and nothing else of the config);
+    a task's schema derives from `EpochRunOptions` or `IterRunOptions` (its unit) and adds its own sections."""
 
     out: str = option()
     seed: int = option(ge=0, le=SEED_MAX)
@@ -130,15 +143,21 @@ class RunOptions:
     amp: str = option(choices=AMPS)
     compile: bool | str = option(choices=COMPILE_MODES)
     resume: str | None = option()
+    log: RunLog = section(RunLog)
 
 
 @dataclass
-class IterationLog:
-    """`log.*` of the tasks that count iterations (detection, segmentation)."""
+class EpochRunOptions(RunOptions):
+    """The engine's options of a task counted in epochs (`Task.unit = "epoch"`)."""
 
-    every: int = option(ge=1)
-    save_every: int | None = option(ge=1)
-    tensorboard: bool = option()
+    max_epochs: int | None = option(ge=1)  # stop after this many epochs in one invocation
+
+
+@dataclass
+class IterRunOptions(RunOptions):
+    """The engine's options of a task counted in iterations (`Task.unit = "iter"`)."""
+
+    max_iters: int | None = option(ge=1)  # stop after this many iterations in one invocation
 
 
 def _num(v) -> str:

@@ -149,6 +149,12 @@ def mmseg_groups(model, weight_decay: float, layer_decay: float = 1.0) -> list[d
     )
 
 
+def peak_lr(optim) -> float:
+    """The peak lr of an `optim` config section: `optim.lr` if set, else MAE's linear scaling rule
+    `optim.blr x optim.global_batch / 256`."""
+    return optim.lr if optim.lr is not None else optim.blr * optim.global_batch / 256
+
+
 def adamw(groups, *, lr: float, betas, device) -> torch.optim.AdamW:
     """AdamW over parameter groups; on CUDA the fused implementation (one kernel for every parameter instead of
     a foreach pass per operation), which gives the same update up to floating-point rounding."""

@@ -1,33 +1,37 @@
-"""The training engine every task runs on: one loop, task-specific hooks.
+"""The training engine every task runs on: one loop, and one explicit contract with the task.
 
-A task (pretraining, fine-tuning, COCO, ADE20K) subclasses `Task` and supplies what is its own: building
-data, model and optimizer (`build`), one micro-batch's losses (`prepare` + `forward`), evaluation, the
-state and checkpoints only it has, the results record. `fit(task)` owns the rest, the same way for every
-task:
+A task (pretraining, fine-tuning, COCO, ADE20K) subclasses `Task` and supplies what is its own; `fit(task)`
+owns the rest, the same way for every task:
 
 - seeding, resume (refused when the config or the dataset changed), every rank's RNG stream;
 - the micro-batch stream: optimizer step k reads a fixed span of micro-batches, derived from k alone, so a
   run resumed at any saved step sees exactly what an uninterrupted one would;
 - the `Stepper` (amp, accumulation with DDP no_sync, clipping, lr schedule);
-- cadence: metrics every `log.every` steps (non-finite losses stop the run), evaluation, checkpoint-last,
-  the `max_epochs` / `max_iters` stop of time-limited jobs;
+- cadence: metrics every `log.every` steps (non-finite losses stop the run), evaluation, checkpoint-last
+  every `log.save_every` units, the `max_epochs` / `max_iters` stop of time-limited jobs;
 - the run folder: config.yaml, metrics.jsonl, TensorBoard, progress bar, results.json.
+
+The engine reads only `RunOptions` of the config (`core.config`: out, seed, device, amp, compile, resume,
+log.every / log.save_every / log.tensorboard, max_epochs or max_iters) and what `build` returns, a `Run`:
+the model, optimizer, schedule, loaders, sampler, accumulation, amp, clipping, evaluation cadence. Nothing
+else the task sets is read by the loop. At an epoch end the task may return a `Switch` (pretraining's stage
+switch: a rebuilt model, a new optimizer); the loop takes it explicitly.
 
 Two units of length: `unit="epoch"` (pretraining, fine-tuning; MAE's loops): a step's micro-batches never
 cross an epoch, whose last step may take fewer; epoch ends are events (evaluation, a stage switch,
 checkpoints). `unit="iter"` (detectron2 / mmseg style): every step takes `accum` micro-batches, across
 epochs, and cadences count steps.
 
-A task's hooks, in the order `fit` calls them:
+A task's hooks, in the order `fit` calls them (docs/ENGINE.md):
 
-    build(state)                          data, model (weights from `state` when resuming), optimizer, schedule
+    build(state) -> Run                   data, model (weights from `state` when resuming), optimizer, schedule
     load_state_dict(state)                the task's own resume state (after the Stepper's)
-    train_mode()                          at the start and after every evaluation
+    train_mode(model)                     at the start and after every evaluation
     prepare(batch, epoch, index)          eager: to the device, CPU-side randomness (Mixup); None: nothing usable
     forward(model, *inputs) -> losses     {'loss': backpropagated, ...: logged}; compiled with compile=true
     after_step(step, epoch)               e.g. an EMA teacher update
-    evaluate(step) -> metrics             when due, and at the end
-    end_of_epoch(epoch, summary) -> bool  epoch unit: True forces checkpoint-last (a stage end)
+    evaluate(step) -> metrics             every `Run.eval_every` units, and at the end
+    end_of_epoch(epoch, losses, stepper)  epoch unit; -> Switch | None (a stage end: the loop switches, saves)
     state_dict() / meta()                 what checkpoint-last.pth stores for the task
     results(last_eval) -> dict            results.json fields of the task
 """
@@ -37,7 +41,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,17 +51,65 @@ from torch import nn
 from core import checkpoint as ckpt
 from core import dist, engine, weights
 from core.config import ConfigError, check_output_folder, save_config, to_dict, validate
-from core.data import DataError, Loader
+from core.data import DataError, Loader, ShardedSampler
 from core.monitor import RunLogger, write_results
 
 
-class Task:
-    """Base of a task; subclasses set the class attributes and implement the hooks (see the module doc).
+@dataclass(frozen=True)
+class Run:
+    """What `Task.build` returns: everything the loop trains with, and all it reads of the task's setup.
 
-    After `build` these attributes must be set: `model` (the module DDP wraps and the optimizer trains),
-    `optimizer`, `schedule` (lr per optimizer step; its length is the run's length in steps),
-    `train_loader` and `train_sampler` (a `core.data.ShardedSampler`), `accum`, `amp`, `clip_grad`.
-    """
+    model: the module DDP wraps, the optimizer trains and `forward` receives. optimizer, schedule (lr per
+    optimizer step; its length is the run's length in steps), train_loader and train_sampler (a
+    `core.data.ShardedSampler`): None only for a task built for evaluation alone (`run_evaluation`).
+    accum: micro-batches per optimizer step; amp: "none" | "bf16" | "fp16" (`batching` gives both);
+    clip_grad: max gradient norm or None. eval_every: evaluation every this many units (None: at the end
+    only). val_loader: the evaluation loader, whose skipped corrupt files the engine reports."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: Sequence[float] | None = None
+    train_loader: Loader | None = None
+    train_sampler: ShardedSampler | None = None
+    accum: int = 1
+    amp: str = "none"
+    clip_grad: float | None = None
+    eval_every: int | None = None
+    val_loader: Loader | None = None
+
+    def loaders(self) -> dict[str, Loader]:
+        """The loaders by split (whose skipped corrupt files the engine logs and reports)."""
+        found = {"train": self.train_loader, "val": self.val_loader}
+        return {k: v for k, v in found.items() if isinstance(v, Loader)}
+
+
+@dataclass(frozen=True)
+class Switch:
+    """What a stage end changes (`Task.end_of_epoch` returns it; the loop applies it and writes
+    checkpoint-last). model: a rebuilt model (the loop wraps it for DDP), None: the same one (re-initialised in
+    place). optimizer: a new optimizer (a fresh loss scaler with it), None: the same one (moments carry over).
+    The step counter and the schedule carry on."""
+
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+
+
+def batching(cfg, env: dist.DistEnv, train: bool = True) -> tuple[int, str]:
+    """(accum, amp) of a run: micro-batches per optimizer step so that data.batch_per_gpu x processes x accum
+    = optim.global_batch (1 when not training), and `amp` resolved for the device; a ConfigError naming the
+    options otherwise."""
+    try:
+        accum = (
+            engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size) if train else 1
+        )
+        return accum, engine.resolve_amp(cfg.amp, env.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+class Task:
+    """Base of a task: set the class attributes, implement `build`, `forward`, `results` (and `evaluate`,
+    `state_dict` where the task has them); the other hooks have defaults. See the module doc."""
 
     name = "task"  # results.json "task"
     format = "dbot-suite/task/v1"  # checkpoint meta format
@@ -66,43 +119,25 @@ class Task:
     def __init__(self, cfg, env: dist.DistEnv):
         self.cfg, self.env, self.device = cfg, env, env.device
         self.out = Path(cfg.out)
-        self.trainer: Trainer | None = None  # set by fit
-        self.clip_grad = None
-
-    # ---- cadence, in the task's unit (epochs or steps); None = never (evaluation: only at the end)
-    @property
-    def save_every(self) -> int | None:
-        return self.cfg.log.get("save_every")
-
-    @property
-    def eval_every(self) -> int | None:
-        return None
-
-    @property
-    def max_units(self) -> int | None:
-        """Stop after this many units in one invocation (`max_epochs` / `max_iters`)."""
-        return self.cfg.get("max_epochs" if self.unit == "epoch" else "max_iters")
+        self.amp = "none"  # the task's own evaluation autocast (`autocast()`); set it from `batching`
+        self.trainer: Trainer | None = None  # set by fit (logging helpers below)
 
     # ---- hooks
-    def build(self, state: dict | None) -> None:  # pragma: no cover - interface
+    def build(self, state: dict | None) -> Run:  # pragma: no cover - interface
         raise NotImplementedError
 
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def train_mode(self) -> None:
-        self.model.train()
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
 
-    def prepare(self, batch, epoch: int, index: int) -> tuple:
+    def prepare(self, batch, epoch: int, index: int) -> tuple | None:
         """Inputs of `forward`, on the device (default: every tensor of the batch tuple)."""
         return tuple(x.to(self.device, non_blocking=True) if torch.is_tensor(x) else x for x in batch)
 
     def forward(self, model: nn.Module, *inputs) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
-
-    def count(self, inputs: tuple) -> int:
-        """Images in a micro-batch (throughput)."""
-        return len(inputs[0])
 
     def after_step(self, step: int, epoch: int) -> None:
         """After optimizer step `step` (1-based count), taken in epoch `epoch`."""
@@ -110,15 +145,17 @@ class Task:
     def evaluate(self, step: int) -> dict | None:
         return None
 
-    def end_of_epoch(self, epoch: int, summary: dict) -> bool:
-        return False
+    def end_of_epoch(self, epoch: int, losses: dict, stepper: engine.Stepper) -> Switch | None:
+        """Epoch unit, after evaluation: `losses` are the epoch's mean losses; `stepper` the engine's optimizer
+        state (read it, e.g. for a stage checkpoint; do not step it). A `Switch` ends a stage."""
+        return None
 
     def log_fields(self) -> dict:
         """Extra fields of every metrics line (e.g. the pretraining stage)."""
         return {}
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict()}
+        return {}
 
     def meta(self) -> dict:
         return {}
@@ -134,20 +171,8 @@ class Task:
     def describe(self) -> str:
         return self.name
 
-    def pretraining(self) -> dict | None:
-        """How the weights this run starts from were pretrained (`core.weights.pretraining_setting` of
-        `checkpoint`; None for random init or a file not made by this suite). Recorded in checkpoint-last's
-        meta and results.json, so that a table places the run without reconstructing anything."""
-        path = self.cfg.get("checkpoint")
-        return weights.pretraining_setting(path) if path and Path(path).is_file() else None
-
     def results(self, last_eval: dict | None) -> dict:
         return {}
-
-    def loaders(self) -> dict[str, Loader]:
-        """The task's loaders by split (whose skipped corrupt files the engine logs and reports)."""
-        found = {"train": getattr(self, "train_loader", None), "val": getattr(self, "val_loader", None)}
-        return {k: v for k, v in found.items() if isinstance(v, Loader)}
 
     # ---- helpers for tasks
     def autocast(self):
@@ -177,6 +202,14 @@ class Task:
         """Record a checkpoint the task wrote (listed in results.json)."""
         if self.trainer is not None:
             self.trainer.checkpoints[name] = str(path)
+
+
+def pretraining_of(cfg) -> dict | None:
+    """How the weights a run starts from (`checkpoint`) were pretrained (`core.weights.pretraining_setting`;
+    None for random init or a file not made by this suite). Recorded in checkpoint-last's meta and
+    results.json, so that a table places the run without reconstructing anything."""
+    path = cfg.get("checkpoint")
+    return weights.pretraining_setting(path) if path and Path(path).is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -265,6 +298,8 @@ class Trainer:
         self.last_eval: dict | None = None  # {"step": k, "metrics": {...}}
         self.log: RunLogger | None = None
         self.corrupt: dict[str, dict[str, str]] = {}  # split -> {path: reason}: corrupt files skipped in the run
+        self.run: Run | None = None  # what the task built (replaced by a stage switch)
+        self.stepper: engine.Stepper | None = None
         task.trainer = self
         problem = None
         if self.env.is_main:  # one process tries the folder (several would race); every one gets the verdict
@@ -288,7 +323,7 @@ class Trainer:
 
     def _check_same_data(self, path, state, layout: Layout) -> None:
         saved = state.get("engine", {}).get("data")
-        now = {"images": self.task.train_sampler.n, "batches_per_epoch": layout.batches}
+        now = {"images": self.run.train_sampler.n, "batches_per_epoch": layout.batches}
         if saved is not None and saved != now:
             diff = "; ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
             raise ckpt.CheckpointError(
@@ -312,14 +347,14 @@ class Trainer:
         path, state = self._resume_state()
         if env.is_main:
             ckpt.remove_stale_temporaries(task.out)
-        task.build(state)
+        self.run = run = built(task, state)
         self._watch_corrupt(state)
-        self.pretraining = task.pretraining()
-        layout = Layout(task.check_batches(task.train_sampler), task.accum, task.unit)
-        total = len(task.schedule)
-        model = engine.ddp(task.model, env)
+        self.pretraining = pretraining_of(cfg)
+        layout = Layout(task.check_batches(run.train_sampler), run.accum, task.unit)
+        total = len(run.schedule)
+        model = engine.ddp(run.model, env)
         self.stepper = stepper = engine.Stepper(
-            model, task.optimizer, task.schedule, amp=task.amp, clip_grad=task.clip_grad, device=env.device
+            model, run.optimizer, run.schedule, amp=run.amp, clip_grad=run.clip_grad, device=env.device
         )
         if state is not None:
             self._check_same_data(path, state, layout)
@@ -343,12 +378,13 @@ class Trainer:
         if path is not None:
             log.write(f"resuming at step {start} of {total} (epoch {layout.epoch_of(start)}) from {path}")
         forward = task.compile(cfg.compile) if cfg.get("compile") else task.forward
-        stream = micro_batches(task.train_loader, task.train_sampler, layout.batches, layout.first_micro(start))
+        stream = micro_batches(run.train_loader, run.train_sampler, layout.batches, layout.first_micro(start))
         log.progress(total, initial=start, desc=task.name)
         window, epoch_meter = Meter(), Meter()
         train_time, images, t_step = 0.0, 0, time.time()
         unit_start = layout.epoch_of(start) if task.unit == "epoch" else start
-        task.train_mode()
+        limit = cfg.max_epochs if task.unit == "epoch" else cfg.max_iters
+        task.train_mode(run.model)
 
         step = start
         while step < total:
@@ -356,13 +392,7 @@ class Trainer:
             stepper.start_step()
             for j in range(size):
                 epoch, index, batch = next(stream)
-                inputs = None if batch is None else task.prepare(batch, epoch, index)
-                if inputs is None:
-                    raise DataError(f"epoch {epoch}: every image of training micro-batch {index} is corrupt")
-                with stepper.autocast():
-                    losses = forward(stepper.model, *inputs)
-                stepper.backward(losses["loss"], size=size, last=j == size - 1)
-                n = task.count(inputs)
+                losses, n = micro_step(task, stepper, forward, epoch, index, batch, size=size, last=j == size - 1)
                 window.add(losses, n)
                 epoch_meter.add(losses, n)
                 images += n
@@ -382,23 +412,20 @@ class Trainer:
                 units_done = epoch + 1
             else:
                 at_end, units_done = True, step
-            force_save = False
+            switched = False
             if at_end:
-                every = task.eval_every
+                every = self.run.eval_every
                 if done or (every and units_done % every == 0):
                     window.since += self._evaluate(step)  # evaluation time is not training time
                 if task.unit == "epoch":
-                    summary = {k: v for k, v in epoch_meter.means().items()}
-                    force_save = task.end_of_epoch(epoch, summary)
+                    switch = task.end_of_epoch(epoch, epoch_meter.means(), stepper)
                     epoch_meter.reset()
-                    if task.model is not stepper.model and task.model is not getattr(stepper.model, "module", None):
-                        stepper.swap(engine.ddp(task.model, env), task.optimizer)
-                    elif task.optimizer is not stepper.optimizer:
-                        stepper.swap(stepper.model, task.optimizer)
-                limit = task.max_units
+                    if switch is not None:
+                        self._switch(switch)
+                        switched = True
                 stopping = limit is not None and units_done - unit_start >= limit and not done
-                every = task.save_every
-                if force_save or done or stopping or (every and units_done % every == 0):
+                every = cfg.log.save_every
+                if switched or done or stopping or (every and units_done % every == 0):
                     self.save_last(layout, step)
                 if stopping:
                     what = "epoch(s) (max_epochs)" if task.unit == "epoch" else "iteration(s) (max_iters)"
@@ -423,7 +450,7 @@ class Trainer:
         """Skipped corrupt files (data.skip_corrupt): each named once in the log when first met (the ones a
         resumed run already met are known), all listed in results.json."""
         self.corrupt = {k: dict(v) for k, v in ((state or {}).get("engine", {}).get("corrupt") or {}).items()}
-        for split, loader in self.task.loaders().items():
+        for split, loader in self.run.loaders().items():
             known = self.corrupt.setdefault(split, {})
             loader.corrupt.update(known)
             loader.on_skip = self._skipped
@@ -451,10 +478,10 @@ class Trainer:
         means = window.means()
         loss = means.get("loss", math.nan)
         if not math.isfinite(loss):
-            hint = " (fp16: try amp=bf16)" if self.task.amp == "fp16" else ""
+            hint = " (fp16: try amp=bf16)" if self.run.amp == "fp16" else ""
             raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}){hint}: {means}")
         dt = max(time.time() - window.since, 1e-9)
-        steps = window.micro / max(self.task.accum, 1)
+        steps = window.micro / max(self.run.accum, 1)
         fields = {
             "epoch": epoch,
             **self.task.log_fields(),
@@ -478,8 +505,11 @@ class Trainer:
             scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.log.log(step, prefix="val/", **scalars, eval_s=seconds)
             self.last_eval = {"step": step, "metrics": metrics}
-        self.task.train_mode()
+        self.task.train_mode(self.run.model)
         return seconds
+
+    def _switch(self, switch: Switch) -> None:
+        self.run = apply_switch(self.run, self.stepper, switch, self.env)
 
     def save_last(self, layout: Layout, step: int) -> None:
         """checkpoint-last.pth: the task's state, the Stepper, every rank's RNG, the engine's bookkeeping
@@ -498,7 +528,7 @@ class Trainer:
                 "epoch": layout.epoch_of(step),
                 "step": step,
                 "engine": {
-                    "data": {"images": task.train_sampler.n, "batches_per_epoch": layout.batches},
+                    "data": {"images": self.run.train_sampler.n, "batches_per_epoch": layout.batches},
                     "checkpoints": self.checkpoints,
                     "last_eval": self.last_eval,
                     "corrupt": corrupt,
@@ -532,15 +562,49 @@ class Trainer:
         evaluate once, write results.json."""
         task, env = self.task, self.env
         engine.seed_everything(self.cfg.seed, env.rank)
-        task.build(None)
+        self.run = built(task, None, train=False)
         self._watch_corrupt(None)
-        self.pretraining = task.pretraining()
+        self.pretraining = pretraining_of(self.cfg)
         self.log = RunLogger(task.out, enabled=env.is_main, tensorboard=self.cfg.log.tensorboard)
         if env.is_main:
             save_config(self.cfg, task.out / "config.yaml")
         self._evaluate(0)
         self.log.close()
         return self._results({})
+
+
+def micro_step(task: Task, stepper: engine.Stepper, forward, epoch: int, index: int, batch, size: int, last: bool):
+    """One micro-batch of an optimizer step of `size` micro-batches: the task's `prepare`, `forward` under the
+    Stepper's autocast, backward (gradients all-reduced on the `last` one). Returns (losses, images). The
+    loop and the benchmark driver (`core.bench`) both run a step through this."""
+    inputs = None if batch is None else task.prepare(batch, epoch, index)
+    if inputs is None:
+        raise DataError(f"epoch {epoch}: every image of training micro-batch {index} is corrupt")
+    with stepper.autocast():
+        losses = forward(stepper.model, *inputs)
+    stepper.backward(losses["loss"], size=size, last=last)
+    return losses, len(inputs[0])
+
+
+def apply_switch(run: Run, stepper: engine.Stepper, switch: Switch, env: dist.DistEnv) -> Run:
+    """The run after a stage end's `Switch`: a rebuilt model (wrapped for DDP) and a new optimizer taken into
+    the Stepper (whose step counter and schedule carry on)."""
+    changes = {k: v for k, v in (("model", switch.model), ("optimizer", switch.optimizer)) if v is not None}
+    model = engine.ddp(switch.model, env) if switch.model is not None else stepper.model
+    stepper.swap(model, switch.optimizer)
+    return replace(run, **changes)
+
+
+def built(task: Task, state: dict | None, train: bool = True) -> Run:
+    """`task.build(state)`, checked to be a `Run` with what training needs (a task's programming error,
+    named here rather than as an AttributeError deep in the loop)."""
+    run = task.build(state)
+    if not isinstance(run, Run):
+        raise TypeError(f"{type(task).__name__}.build must return a core.trainer.Run, not {type(run).__name__}")
+    missing = [k for k in ("optimizer", "schedule", "train_loader", "train_sampler") if getattr(run, k) is None]
+    if train and missing:
+        raise TypeError(f"{type(task).__name__}.build returned a Run without {', '.join(missing)}")
+    return run
 
 
 def fit(task: Task) -> dict:

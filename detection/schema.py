@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import ConfigError, IterationLog, RunOptions, option, section
+from core.config import ConfigError, IterRunOptions, option, section
 from core.vit import PRESETS, preset
 from detection.evaluate import BACKENDS
 
@@ -76,15 +76,13 @@ class Eval:
 
 
 @dataclass
-class DetectionConfig(RunOptions):
-    max_iters: int | None = option(ge=1)
+class DetectionConfig(IterRunOptions):
     checkpoint: str | None = option()
     model: Model = section(Model)
     det: Det = section(Det)
     data: Data = section(Data)
     optim: Optim = section(Optim)
     eval: Eval = section(Eval)
-    log: IterationLog = section(IterationLog)
 
     @staticmethod
     def check(cfg) -> None:

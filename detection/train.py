@@ -14,7 +14,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from core import engine, trainer
+from core import trainer
 from core.config import ConfigError, check_file, check_folder
 from core.data import DataError, make_loader, train_eval_samplers
 from core.monitor import file_sha256
@@ -52,11 +52,7 @@ def check(cfg: DictConfig, env) -> dict:
             raise ConfigError("eval.backend=faster needs faster-coco-eval (pip install faster-coco-eval)") from None
     check_file("checkpoint", cfg.checkpoint)
     check_folder("data.root", cfg.data.root, "the COCO 2017 layout")
-    try:
-        amp = engine.resolve_amp(cfg.amp, env.device)
-        accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    accum, amp = trainer.batching(cfg, env)
     return {"accum": accum, "amp": amp}
 
 
@@ -84,14 +80,10 @@ class Detection(trainer.Task):
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
         plan = check(cfg, env)
-        self.accum, self.amp, self.clip_grad = plan["accum"], plan["amp"], cfg.optim.clip_grad
+        self.accum, self.amp = plan["accum"], plan["amp"]
         self.loaded = None
 
-    @property
-    def eval_every(self):
-        return self.cfg.eval.every
-
-    def build(self, state) -> None:
+    def build(self, state) -> trainer.Run:
         cfg, o, d = self.cfg, self.cfg.optim, self.cfg.data
         self.train_set, self.val_set = datasets(cfg)
         model = build_detector(cfg, self.train_set.num_classes)
@@ -100,19 +92,29 @@ class Detection(trainer.Task):
         elif cfg.checkpoint is not None:
             self.loaded = load_pretrained(model, cfg.checkpoint)
         self.model = model.to(self.device)
-        self.schedule = warmup_step(
-            o.lr, o.iters, o.warmup_iters, list(o.steps), gamma=0.1, warmup_factor=o.warmup_factor
-        )
-        self.optimizer = build_optimizer(cfg, model)
-        self.train_sampler, val_sampler = train_eval_samplers(
+        schedule = warmup_step(o.lr, o.iters, o.warmup_iters, list(o.steps), gamma=0.1, warmup_factor=o.warmup_factor)
+        optimizer = build_optimizer(cfg, model)
+        train_sampler, val_sampler = train_eval_samplers(
             len(self.train_set), len(self.val_set), d.batch_per_gpu, d.eval_batch_per_gpu, self.env, cfg.seed
         )
-        self.check_batches(self.train_sampler)
-        self.train_loader, self.val_loader = (
+        self.check_batches(train_sampler)
+        train_loader, self.val_loader = (
             make_loader(
                 ds, sampler, workers=d.workers, device=self.device, drop_last=False, collate_fn=collate, split=s
             )
-            for ds, sampler, s in ((self.train_set, self.train_sampler, "train"), (self.val_set, val_sampler, "val"))
+            for ds, sampler, s in ((self.train_set, train_sampler, "train"), (self.val_set, val_sampler, "val"))
+        )
+        return trainer.Run(
+            model=self.model,
+            optimizer=optimizer,
+            schedule=schedule,
+            train_loader=train_loader,
+            train_sampler=train_sampler,
+            accum=self.accum,
+            amp=self.amp,
+            clip_grad=o.clip_grad,
+            eval_every=cfg.eval.every,
+            val_loader=self.val_loader,
         )
 
     def compile(self, mode):
@@ -141,6 +143,9 @@ class Detection(trainer.Task):
         )
         rate = m["images"] / max(time.time() - t0, 1e-9)
         return {**flat, "images": m["images"], "skipped": skipped, "eval_images_per_s": rate}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict()}
 
     def meta(self) -> dict:
         categories = [c["name"] for c in self.train_set.categories]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import ConfigError, RunOptions, option, section
+from core.config import ConfigError, EpochRunOptions, option, section
+from core.optim import peak_lr
 from core.vit import PRESETS, preset
 from finetune.data import KINDS
 
@@ -68,14 +69,7 @@ class Optim:
 
 
 @dataclass
-class Log:
-    every: int = option(ge=1)
-    tensorboard: bool = option()
-
-
-@dataclass
-class FinetuneConfig(RunOptions):
-    max_epochs: int | None = option(ge=1)
+class FinetuneConfig(EpochRunOptions):
     task: str = option(choices=TASKS)
     checkpoint: str | None = option()
     epochs: int = option(ge=1)
@@ -83,7 +77,6 @@ class FinetuneConfig(RunOptions):
     data: Data = section(Data)
     aug: Aug = section(Aug)
     optim: Optim = section(Optim)
-    log: Log = section(Log)
 
     @staticmethod
     def check(cfg) -> None:
@@ -99,7 +92,7 @@ class FinetuneConfig(RunOptions):
                 f"optim.weight_decay={o.weight_decay} with optim.name=lars: timm's LARS folds weight decay "
                 "into the trust ratio differently from MAE's; the MAE linear probe uses 0"
             )
-        lr = o.lr if o.lr is not None else o.blr * o.global_batch / 256
+        lr = peak_lr(o)
         if o.min_lr > lr:
             raise ConfigError(
                 f"optim.min_lr={o.min_lr:g} is above the peak lr {lr:g} (optim.lr, or optim.blr x global_batch / 256)"

@@ -21,7 +21,7 @@ from core import engine, trainer
 from core.config import ConfigError, check_file, check_folder, to_dict
 from core.data import Augmented, make_loader, sample_seed, seeded, train_eval_samplers
 from core.monitor import file_sha256
-from core.optim import adamw, mae_finetune_groups, warmup_cosine
+from core.optim import adamw, mae_finetune_groups, peak_lr, warmup_cosine
 from finetune.data import base_datasets, eval_transform, train_transform
 from finetune.evaluate import evaluate
 from finetune.model import build_classifier, freeze_for_linprobe, init_head, load_pretrained, read_pretrained
@@ -35,13 +35,8 @@ def check(cfg: DictConfig, env) -> dict:
     options themselves and the rules between them are checked by the schema (`finetune.schema`)."""
     check_file("checkpoint", cfg.checkpoint)
     check_folder("data.root", cfg.data.root)
-    try:
-        amp = engine.resolve_amp(cfg.amp, env.device)
-        accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.optim.global_batch / 256
-    return {"accum": accum, "lr": lr, "amp": amp}
+    accum, amp = trainer.batching(cfg, env)
+    return {"accum": accum, "lr": peak_lr(cfg.optim), "amp": amp}
 
 
 def build_optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
@@ -88,16 +83,15 @@ def criterion_and_mixup(cfg: DictConfig, num_classes: int):
 class Finetune(trainer.Task):
     format, unit = FORMAT, "epoch"
     schema = FinetuneConfig
-    save_every = eval_every = 1
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
         self.name = cfg.task
         plan = check(cfg, env)
-        self.accum, self.lr, self.amp, self.clip_grad = plan["accum"], plan["lr"], plan["amp"], cfg.optim.clip_grad
+        self.accum, self.lr, self.amp = plan["accum"], plan["lr"], plan["amp"]
         self.best, self.history, self.report = {"top1": -1.0}, [], None
 
-    def build(self, state) -> None:
+    def build(self, state) -> trainer.Run:
         cfg, env, d = self.cfg, self.env, self.cfg.data
         # pretrained weights first: a file of the wrong size fails before the dataset is listed
         pretrained = None
@@ -112,13 +106,11 @@ class Finetune(trainer.Task):
         skip = d.skip_corrupt
         self.train_set = Augmented(train_base, train_transform(cfg, img_size), seed=cfg.seed, skip_corrupt=skip)
         self.val_set = Augmented(val_base, eval_transform(cfg, img_size), seed=cfg.seed, skip_corrupt=skip, train=False)
-        self.train_sampler, val_sampler = train_eval_samplers(
+        train_sampler, val_sampler = train_eval_samplers(
             len(self.train_set), len(self.val_set), d.batch_per_gpu, d.eval_batch_per_gpu, env, cfg.seed
         )
-        batches = self.check_batches(self.train_sampler)
-        self.train_loader = make_loader(
-            self.train_set, self.train_sampler, workers=d.workers, device=self.device, drop_last=True
-        )
+        batches = self.check_batches(train_sampler)
+        train_loader = make_loader(self.train_set, train_sampler, workers=d.workers, device=self.device, drop_last=True)
         self.val_loader = make_loader(
             self.val_set, val_sampler, workers=d.workers, device=self.device, drop_last=False, split="val"
         )
@@ -134,18 +126,30 @@ class Finetune(trainer.Task):
         self.model = model.to(self.device)
         o, spe = cfg.optim, engine.steps_per_epoch(batches, self.accum)
         t = [e + s * self.accum / batches for e in range(cfg.epochs) for s in range(spe)]
-        self.schedule = warmup_cosine(self.lr, o.min_lr, cfg.epochs, o.warmup_epochs, positions=t)
-        self.optimizer = build_optimizer(cfg, model)
+        schedule = warmup_cosine(self.lr, o.min_lr, cfg.epochs, o.warmup_epochs, positions=t)
+        optimizer = build_optimizer(cfg, model)
         self.criterion, self.mixup = criterion_and_mixup(cfg, num_classes)
+        return trainer.Run(
+            model=self.model,
+            optimizer=optimizer,
+            schedule=schedule,
+            train_loader=train_loader,
+            train_sampler=train_sampler,
+            accum=self.accum,
+            amp=self.amp,
+            clip_grad=o.clip_grad,
+            eval_every=1,  # top-1 / top-5 after every epoch, and the best checkpoint
+            val_loader=self.val_loader,
+        )
 
     def load_state_dict(self, state) -> None:
         self.best, self.history = dict(state["best"]), list(state["history"])
 
-    def train_mode(self) -> None:
-        self.model.train()
+    def train_mode(self, model) -> None:
+        model.train()
         if self.cfg.task == "linprobe":
-            self.model.eval()  # frozen encoder (no drop path); the BatchNorm of the head trains
-            self.model.head.train()
+            model.eval()  # frozen encoder (no drop path); the BatchNorm of the head trains
+            model.head.train()
 
     def prepare(self, batch, epoch, index):
         images, labels = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)

@@ -2,15 +2,17 @@
 
 `core.config` merges default.yaml <- recipe <- key=value into `PretrainConfig` and checks everything here
 before any compute; what needs the environment (the number of processes, the device, files on disk) is
-checked by `pretrain.train.Plan`.
+checked by `pretrain.train.Plan`. The values derived from the options (the stages, the architecture of the
+student and of the first teacher, the peak lr) are computed in one place, `derive`, which both use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import SEED_MAX, ConfigError, RunOptions, option, section
+from core.config import SEED_MAX, ConfigError, EpochRunOptions, option, section
 from core.datapath import BACKENDS
+from core.optim import peak_lr
 from core.vit import PRESETS, preset
 from pretrain.dbot import Stages
 from pretrain.targets import KINDS
@@ -141,16 +143,38 @@ class Probe:
     pool: str = option(choices=("avg", "token"))
 
 
-@dataclass
-class Log:
-    every: int = option(ge=1)
-    save_every_epochs: int | None = option(ge=1)
-    tensorboard: bool = option()
+@dataclass(frozen=True)
+class Derived:
+    """What the options imply: the stages, the student's architecture (`core.vit.preset` of model.size with
+    model.img_size / embed_dim / num_heads), its depth per stage, the first teacher's architecture (the
+    student's at stage 0, or teacher.size's preset, at the student's image size; teacher.init_depth for a
+    random first teacher) and the peak lr."""
+
+    stages: Stages
+    arch: dict
+    depths: list[int]
+    teacher0_arch: dict
+    lr: float
+
+
+def derive(cfg) -> Derived:
+    """The derived values of a pretraining config (a ConfigError for stages that do not make a run)."""
+    m, t = cfg.model, cfg.teacher
+    try:
+        stages = Stages(cfg.stages.epochs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    arch = preset(m.size, **{k: m[k] for k in ("img_size", "embed_dim", "num_heads") if m[k] is not None})
+    depths = [arch["depth"]] * len(stages) if m.depth_per_stage is None else [int(d) for d in m.depth_per_stage]
+    teacher0 = {**arch, "depth": depths[0]} if t.size is None else preset(t.size)
+    teacher0["img_size"] = arch["img_size"]
+    if t.checkpoint is None and t.init_depth is not None:
+        teacher0["depth"] = int(t.init_depth)
+    return Derived(stages=stages, arch=arch, depths=depths, teacher0_arch=teacher0, lr=peak_lr(cfg.optim))
 
 
 @dataclass
-class PretrainConfig(RunOptions):
-    max_epochs: int | None = option(ge=1)
+class PretrainConfig(EpochRunOptions):
     model: Model = section(Model)
     target: Target = section(Target)
     teacher: Teacher = section(Teacher)
@@ -159,17 +183,13 @@ class PretrainConfig(RunOptions):
     optim: Optim = section(Optim)
     data: Data = section(Data)
     probe: Probe = section(Probe)
-    log: Log = section(Log)
 
     @staticmethod
     def check(cfg) -> None:
         """The rules between options (each error names every option involved)."""
         m, t, teacher, o = cfg.model, cfg.target, cfg.teacher, cfg.optim
-        try:
-            stages = Stages(cfg.stages.epochs)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        arch = preset(m.size, **{k: m[k] for k in ("img_size", "embed_dim", "num_heads") if m[k] is not None})
+        derived = derive(cfg)
+        stages, arch = derived.stages, derived.arch
         if arch["img_size"] % arch["patch_size"]:
             raise ConfigError(
                 f"model.img_size={arch['img_size']} must be a multiple of the patch size {arch['patch_size']}"
@@ -221,7 +241,7 @@ class PretrainConfig(RunOptions):
                 f"loss.norm={cfg.loss.norm} contradicts target.pixels.norm_pix={str(t.pixels.norm_pix).lower()}; "
                 "leave loss.norm null and set norm_pix"
             )
-        depth0 = m.depth_per_stage[0] if m.depth_per_stage is not None else arch["depth"]
+        depth0 = derived.depths[0]
         if teacher.checkpoint is None:
             if teacher.size not in (None, m.size) and teacher.seed is None:
                 raise ConfigError("teacher.size differs from model.size: give teacher.checkpoint or teacher.seed")
@@ -238,7 +258,7 @@ class PretrainConfig(RunOptions):
                 f"teacher.size={teacher.size} has patch size {preset(teacher.size)['patch_size']}, the student "
                 f"{arch['patch_size']}; the teacher must give one token per student patch"
             )
-        lr = o.lr if o.lr is not None else o.blr * o.global_batch / 256
+        lr = derived.lr
         if o.min_lr > lr:
             raise ConfigError(
                 f"optim.min_lr={o.min_lr:g} is above the peak lr {lr:g} (optim.lr, or optim.blr x global_batch / 256)"
@@ -247,7 +267,7 @@ class PretrainConfig(RunOptions):
     @staticmethod
     def warnings(cfg) -> list[str]:
         """Settings that are legal but probably not meant (printed when the run starts)."""
-        stages = Stages(cfg.stages.epochs)
+        stages = derive(cfg).stages
         shortest = min(stages.length(s) for s in range(len(stages)))
         if cfg.optim.warmup_epochs > shortest:
             return [

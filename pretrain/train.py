@@ -17,12 +17,11 @@ from core import checkpoint as ckpt
 from core import datapath, dist, engine, probe, trainer, weights
 from core.config import ConfigError, check_file, check_folder, to_dict
 from core.optim import adamw, mae_pretrain_groups, warmup_cosine
-from core.vit import preset
 from pretrain import dbot, targets
 from pretrain.beit import SymmetricStudent
 from pretrain.masking import BlockMasking, RandomMasking
 from pretrain.model import MaskedStudent
-from pretrain.schema import PretrainConfig
+from pretrain.schema import PretrainConfig, derive
 
 FORMAT = "dbot-suite/pretrain/v1"
 
@@ -35,22 +34,11 @@ class Plan:
 
     def __init__(self, cfg: DictConfig, env: dist.DistEnv):
         self.cfg = cfg
-        self.stages = dbot.Stages(cfg.stages.epochs)
-        overrides = {k: cfg.model[k] for k in ("img_size", "embed_dim", "num_heads") if cfg.model[k] is not None}
-        self.arch = preset(cfg.model.size, **overrides)
-        depths = cfg.model.depth_per_stage
-        self.depths = [self.arch["depth"]] * len(self.stages) if depths is None else [int(d) for d in depths]
+        d = derive(cfg)  # the same values the schema checked
+        self.stages, self.arch, self.depths = d.stages, d.arch, d.depths
+        self.teacher0_arch, self.lr = d.teacher0_arch, d.lr
+        self.accum, self.amp = trainer.batching(cfg, env)
         t = cfg.teacher
-        self.teacher0_arch = {**self.arch, "depth": self.depths[0]} if t.size is None else preset(t.size)
-        self.teacher0_arch["img_size"] = self.arch["img_size"]
-        if t.checkpoint is None and t.init_depth is not None:
-            self.teacher0_arch["depth"] = int(t.init_depth)
-        try:
-            self.accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
-            self.amp = engine.resolve_amp(cfg.amp, env.device)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self.lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.optim.global_batch / 256
         check_folder("data.root", cfg.data.root, "ImageNet layout <root>/train/<class>/*.jpg")
         self.train_root = Path(cfg.data.root) / "train"
         check_file("teacher.checkpoint", t.checkpoint)
@@ -174,16 +162,8 @@ class Pretrain(trainer.Task):
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
         self.plan = Plan(cfg, env)
-        self.accum, self.amp, self.clip_grad = self.plan.accum, self.plan.amp, cfg.optim.clip_grad
+        self.amp = self.plan.amp
         self.stage_losses = {}
-
-    @property
-    def save_every(self):
-        return self.cfg.log.save_every_epochs
-
-    @property
-    def eval_every(self):
-        return self.cfg.probe.every  # None: no online probe
 
     def evaluate(self, step: int) -> dict | None:
         """The online probe of the student's frozen encoder (probe.every epochs, and at the end): k-NN and a
@@ -219,7 +199,7 @@ class Pretrain(trainer.Task):
                 "folder or resume=none"
             )
 
-    def build(self, state) -> None:
+    def build(self, state) -> trainer.Run:
         plan, c = self.plan, self.cfg.data
         self.stage = int(state["stage"]) if state else 0
         try:
@@ -231,12 +211,21 @@ class Pretrain(trainer.Task):
         self.data = datapath.pretrain_data(
             c, plan.train_root, plan.arch["img_size"], seed=self.cfg.seed, env=self.env, extra=self.masker.sample
         )  # data.backend: pil (reference) | uint8 (normalised on the device) | gpu (decode + augment there)
-        self.dataset, self.train_sampler, self.train_loader = self.data.dataset, self.data.sampler, self.data.loader
-        batches = self.check_batches(self.train_sampler, "data.root")
-        self.schedule = lr_schedule(plan, batches)
+        self.dataset = self.data.dataset
+        batches = self.check_batches(self.data.sampler, "data.root")
         self.student.to(self.device)
         self.target.to(self.device)
-        self.model, self.optimizer = self.student, self.optimizer_for(self.student)
+        return trainer.Run(
+            model=self.student,
+            optimizer=self.optimizer_for(self.student),
+            schedule=lr_schedule(plan, batches),
+            train_loader=self.data.loader,
+            train_sampler=self.data.sampler,
+            accum=plan.accum,
+            amp=plan.amp,
+            clip_grad=self.cfg.optim.clip_grad,
+            eval_every=self.cfg.probe.every,  # None: no online probe
+        )
 
     def optimizer_for(self, student) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -244,9 +233,6 @@ class Pretrain(trainer.Task):
 
     def load_state_dict(self, state) -> None:
         self.stage_losses = dict(state.get("stage_losses", {}))
-
-    def train_mode(self) -> None:
-        self.student.train()
 
     def prepare(self, batch, epoch, index):
         out = self.data.to_device(batch, self.device)  # None: every image of the batch failed to decode
@@ -265,21 +251,24 @@ class Pretrain(trainer.Task):
     def log_fields(self) -> dict:
         return {"stage": self.stage}
 
-    def end_of_epoch(self, epoch: int, summary: dict) -> bool:
-        """At a stage end: the stage's checkpoints, then the switch to the next stage (checkpoint-last follows)."""
+    def end_of_epoch(self, epoch: int, losses: dict, stepper) -> trainer.Switch | None:
+        """At a stage end: the stage's checkpoints (with the optimizer state `stepper` holds), then the switch
+        to the next stage, returned to the loop (which writes checkpoint-last). The last stage ends the run."""
         stages = self.plan.stages
         self.target.after_epoch(self.student, epoch - stages.start(self.stage), stages.length(self.stage))
         if not stages.is_last_epoch_of_stage(epoch):
-            return False
-        self.stage_losses[str(self.stage)] = summary["loss"]
+            return None
+        self.stage_losses[str(self.stage)] = losses["loss"]
         if self.env.is_main:
-            self.save_stage(epoch)
-        self.write(f"stage {self.stage} done at epoch {epoch + 1}: loss {summary['loss']:.4f}")
+            self.save_stage(epoch, stepper.state_dict())
+        self.write(f"stage {self.stage} done at epoch {epoch + 1}: loss {losses['loss']:.4f}")
         if self.stage + 1 < len(stages):
-            self.switch(self.stage + 1)
-        return True
+            return self.switch(self.stage + 1)
+        return None
 
-    def switch(self, stage: int) -> None:
+    def switch(self, stage: int) -> trainer.Switch:
+        """The student and target of `stage` (`dbot.next_stage`); what changed for the loop: the student when
+        it was rebuilt, a new optimizer when it was rebuilt or `stages.reset_optimizer` is set."""
         plan = self.plan
         student, target, rebuilt = dbot.next_stage(
             self.student,
@@ -292,19 +281,18 @@ class Pretrain(trainer.Task):
             **plan.teacher_options(),
         )
         self.student, self.target, self.stage = student.to(self.device), target.to(self.device), stage
-        if rebuilt or self.cfg.stages.reset_optimizer:
-            self.optimizer = self.optimizer_for(self.student)
-        self.model = self.student
+        optimizer = self.optimizer_for(self.student) if rebuilt or self.cfg.stages.reset_optimizer else None
         dist.assert_replicas_equal(self.student, "re-initialised student")
         dist.assert_replicas_equal(self.target, "new target")
+        return trainer.Switch(model=self.student if rebuilt else None, optimizer=optimizer)
 
-    def save_stage(self, epoch: int) -> None:
-        """The stage's pair: the student (with decoder, optimiser, scaler) and the teacher it learnt from (none
-        for pixel / HOG / timm targets)."""
+    def save_stage(self, epoch: int, optimizer_state: dict) -> None:
+        """The stage's pair: the student (with decoder, and `optimizer_state`: the Stepper's optimiser, scaler,
+        step) and the teacher it learnt from (none for pixel / HOG / timm targets)."""
         meta, name = {"format": FORMAT, **self.meta()}, f"checkpoint-stage{self.stage}"
         state = {
             "model": self.student.state_dict(),
-            **self.trainer.stepper.state_dict(),
+            **optimizer_state,
             "epoch": epoch,
             "config": to_dict(self.cfg),
             "meta": meta,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import ConfigError, IterationLog, RunOptions, option, section
+from core.config import ConfigError, IterRunOptions, option, section
 from core.vit import PRESETS, preset
 
 SIZES = tuple(PRESETS)
@@ -74,8 +74,7 @@ class Eval:
 
 
 @dataclass
-class SegmentationConfig(RunOptions):
-    max_iters: int | None = option(ge=1)
+class SegmentationConfig(IterRunOptions):
     checkpoint: str | None = option()
     iters: int = option(ge=1)
     eval_only: bool = option()
@@ -84,7 +83,6 @@ class SegmentationConfig(RunOptions):
     data: Data = section(Data)
     optim: Optim = section(Optim)
     eval: Eval = section(Eval)
-    log: IterationLog = section(IterationLog)
 
     @staticmethod
     def check(cfg) -> None:

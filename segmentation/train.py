@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from core import checkpoint as ckpt
-from core import dist, engine, trainer
+from core import dist, trainer
 from core.config import ConfigError, check_file, check_folder
 from core.data import DataError, ShardedSampler, eval_sampler, make_loader
 from core.monitor import file_sha256
@@ -34,12 +34,7 @@ FORMAT = "dbot-suite/segmentation/v1"
 def check(cfg: DictConfig, env) -> dict:
     """Derived settings and what needs the environment (processes, device, files), before any compute; the
     options themselves and the rules between them are checked by the schema (`segmentation.schema`)."""
-    accum = 1
-    if not cfg.eval_only:
-        try:
-            accum = engine.accumulation_steps(cfg.optim.global_batch, cfg.data.batch_per_gpu, env.world_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    accum, amp = trainer.batching(cfg, env, train=not cfg.eval_only)
     if cfg.data.batch_per_gpu < 2 and not cfg.eval_only and not (env.distributed and env.device.type == "cuda"):
         raise ConfigError(
             "data.batch_per_gpu=1 needs BatchNorm synchronised across several GPUs: the pyramid pooling's 1 x 1 "
@@ -48,10 +43,6 @@ def check(cfg: DictConfig, env) -> dict:
     for key in ("checkpoint", "weights"):
         check_file(key, cfg[key])
     check_folder("data.root", cfg.data.root, "the ADEChallengeData2016 layout")
-    try:
-        amp = engine.resolve_amp(cfg.amp, env.device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     return {"accum": accum, "amp": amp}
 
 
@@ -75,14 +66,10 @@ class Segmentation(trainer.Task):
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
         plan = check(cfg, env)
-        self.accum, self.amp, self.clip_grad = plan["accum"], plan["amp"], cfg.optim.clip_grad
+        self.accum, self.amp = plan["accum"], plan["amp"]
         self.report, self.history = None, []
 
-    @property
-    def eval_every(self):
-        return self.cfg.eval.every
-
-    def build(self, state) -> None:
+    def build(self, state) -> trainer.Run:
         """Data (layout and labels checked before the model is built), the segmentor, optimizer, schedule."""
         cfg, d = self.cfg, self.cfg.data
         self.names = class_names(d.root, d.num_classes)
@@ -126,18 +113,27 @@ class Segmentation(trainer.Task):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
         if cfg.eval_only:
-            return
-        self.train_sampler = ShardedSampler(
+            return trainer.Run(model=self.model, amp=self.amp, val_loader=self.val_loader)
+        train_sampler = ShardedSampler(
             len(self.train_set), d.batch_per_gpu, rank=self.env.rank, world=self.env.world_size, seed=cfg.seed
         )
-        self.check_batches(self.train_sampler)
-        self.train_loader = make_loader(
-            self.train_set, self.train_sampler, workers=d.workers, device=self.device, drop_last=True
-        )
+        self.check_batches(train_sampler)
         o = cfg.optim
-        self.optimizer = build_optimizer(cfg, model)
-        self.schedule = warmup_poly(
-            o.lr, cfg.iters, o.warmup_iters, power=o.power, final=o.min_lr, warmup_ratio=o.warmup_ratio
+        return trainer.Run(
+            model=self.model,
+            optimizer=build_optimizer(cfg, model),
+            schedule=warmup_poly(
+                o.lr, cfg.iters, o.warmup_iters, power=o.power, final=o.min_lr, warmup_ratio=o.warmup_ratio
+            ),
+            train_loader=make_loader(
+                self.train_set, train_sampler, workers=d.workers, device=self.device, drop_last=True
+            ),
+            train_sampler=train_sampler,
+            accum=self.accum,
+            amp=self.amp,
+            clip_grad=o.clip_grad,
+            eval_every=cfg.eval.every,
+            val_loader=self.val_loader,
         )
 
     def load_state_dict(self, state) -> None:

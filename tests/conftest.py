@@ -57,7 +57,7 @@ PRETRAIN_MICRO = [
     "stages.epochs=[0,1,2]",
     "model.decoder.depth=1",
     "log.every=1",
-    "log.save_every_epochs=1",
+    "log.save_every=1",
     "log.tensorboard=false",
     "probe.every=null",  # the tiny recipe probes every 2 epochs; tests/test_pretrain.py tests the probe itself
 ]

@@ -1,6 +1,7 @@
 """Benchmarks: FLOPs counted against figures worked out by hand (attention included on CPU), the pretraining
-bench builds the recipe it is given, the side-by-side harness and the loader bench run, and the four task
-benches share one command line (`-c RECIPE [key=value ...]` + measurement flags)."""
+bench builds the recipe it is given, the side-by-side harness and the loader bench run, the four task
+benches share one command line (`-c RECIPE [key=value ...]` + measurement flags, `-h` per subcommand), and
+the driver's step is the training step: its first loss equals the first loss a training run logs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import detection_config, finetune_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from core import speed
@@ -63,29 +65,32 @@ def test_pretrain_step_flops_equal_the_hand_count(capsys):
     assert res["ours_images_per_s"] > 0 and res["batch"] == b
 
 
-def test_pretrain_bench_builds_the_recipe_and_its_overrides():
+def test_pretrain_bench_builds_the_recipe_and_its_overrides(tiny_imagenet):
     """`-c small` is the recipe's ViT-S/16 with the default 512 x 8 decoder (not a bench-local shape), its
     drop path and teacher; overrides apply as on `python -m pretrain`."""
-    cfg = load_config(REPO / "pretrain" / "configs", "small", ["device=cpu"])
-    ours = bench.OursStep(cfg, torch.device("cpu"))
-    s = ours.student
+
+    def step(recipe, *overrides, stage=0):
+        small = [f"data.root={tiny_imagenet}", "data.workers=0", "data.batch_per_gpu=8", "optim.global_batch=8"]
+        cfg = load_config(REPO / "pretrain" / "configs", recipe, ["device=cpu", *small, *overrides])
+        return bench.pretrain_step(cfg, torch.device("cpu"), stage)
+
+    ours = step("small")
+    s, target = ours.task.student, ours.task.target
+    assert ours.run.model is s
     assert (s.embed_dim, len(s.blocks), s.patch_size) == (384, 12, 16)
     assert (s.decoder_embed.out_features, len(s.decoder_blocks), s.decoder_blocks[0].attn.num_heads) == (512, 8, 16)
     assert s.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
-    assert ours.target.teacher.embed_dim == 384 and len(ours.target.teacher.blocks) == 12
-    cfg = load_config(
-        REPO / "pretrain" / "configs", "base", ["device=cpu", "model.decoder.depth=2", "model.img_size=64"]
-    )
-    ours = bench.OursStep(cfg, torch.device("cpu"))
-    assert len(ours.student.decoder_blocks) == 2 and ours.img_size == 64 and ours.stepper.clip_grad == 3.0
-    assert len(ours.target.teacher.blocks) == 12  # base: teacher.init_depth 12
+    assert target.teacher.embed_dim == 384 and len(target.teacher.blocks) == 12
+    ours = step("base", "model.decoder.depth=2", "model.img_size=64")
+    assert len(ours.task.student.decoder_blocks) == 2 and ours.task.plan.arch["img_size"] == 64
+    assert ours.stepper.clip_grad == ours.run.clip_grad == 3.0  # the recipe's clipping, in the Stepper
+    assert len(ours.task.target.teacher.blocks) == 12  # base: teacher.init_depth 12
     # large-style first teacher of depth 0; stage 1 distils from the (full-depth) stage-0 student
-    cfg = load_config(REPO / "pretrain" / "configs", "tiny", ["device=cpu", "teacher.init_depth=0"])
-    first, second = bench.OursStep(cfg, torch.device("cpu")), bench.OursStep(cfg, torch.device("cpu"), stage=1)
-    assert len(first.target.teacher.blocks) == 0 and len(second.target.teacher.blocks) == 4
-    assert second.target.describe() == "bootstrapped: stage-0 student"
+    first, second = step("tiny", "teacher.init_depth=0"), step("tiny", "teacher.init_depth=0", stage=1)
+    assert len(first.task.target.teacher.blocks) == 0 and len(second.task.target.teacher.blocks) == 4
+    assert second.task.target.describe() == "bootstrapped: stage-0 student" and second.task.stage == 1
     with pytest.raises(ConfigError, match="--stage 2: the recipe has stages 0..1"):
-        bench.OursStep(cfg, torch.device("cpu"), stage=2)
+        step("tiny", stage=2)
 
 
 AUTHORS_LIKE = '''
@@ -187,21 +192,89 @@ def test_end_to_end_bench_runs_through_the_data_path(tiny_imagenet, capsys):
 
 def test_task_benches_take_the_recipe_and_overrides(capsys):
     """finetune / COCO / ADE20K benchmarks: `-c tiny key=value ...` plus the shared flags; one training step
-    and inference of the tiny recipes on CPU."""
-    from detection import bench as det_bench
-    from finetune import bench as ft_bench
-    from segmentation import bench as seg_bench
-
+    and inference of the tiny recipes on CPU, on a synthetic set in each task's layout."""
     flags = ["device=cpu", "--batch", "2", "--steps", "1", "--warmup", "0"]
-    ft_bench.main(["-c", "tiny", *flags, "--classes", "10"])
-    det_bench.main(["-c", "tiny", "data.img_size=48", *flags, "--classes", "4"])
-    seg_bench.main(["-c", "tiny", *flags, "--classes", "8", "--images", "1"])
+    bench.main(["finetune", "-c", "tiny", *flags, "--classes", "10"])
+    bench.main(["coco", "-c", "tiny", "data.img_size=48", *flags, "--classes", "5", "optim.clip_grad=1.0"])
+    bench.main(["ade20k", "-c", "tiny", *flags, "--classes", "9", "--images", "1"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 3, lines
-    assert lines[1]["img_size"] == 48 and lines[1]["overrides"] == ["data.img_size=48", "device=cpu"]
+    assert lines[1]["img_size"] == 48
+    assert lines[1]["overrides"] == ["data.img_size=48", "device=cpu", "optim.clip_grad=1.0"]
+    assert [res["classes"] for res in lines] == [10, 5, 9]  # the synthetic sets have what was asked
+    assert lines[1]["clip_grad"] == 1.0 and lines[0]["clip_grad"] is None  # the recipe's clipping is timed
     for res in lines:
-        assert res["recipe"] == "tiny" and res["batch"] == 2
-        assert all(v > 0 for k, v in res.items() if "per_s" in k or "per_iter" in k), res
+        assert res["recipe"] == "tiny" and res["batch"] == 2 and res["accum"] == 1 and res["data"] == "synthetic"
+        assert all(v > 0 for k, v in res.items() if "per_s" in k or "per_step" in k), res
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "coco", "ade20k", "loader"])
+def test_every_bench_subcommand_prints_its_own_flags(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main([command, "-h"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m tools.bench {command}") and "--steps" in out
+    own = {
+        "pretrain": "--authors",
+        "finetune": "--classes",
+        "coco": "--classes",
+        "ade20k": "--image",
+        "loader": "--compare",
+    }
+    assert own[command] in out
+
+
+def test_linear_probe_bench_times_the_frozen_encoder_and_its_criterion(tiny_imagenet):
+    """The linear-probe recipe's step as training takes it: LARS on the head only, plain cross-entropy, no
+    Mixup, the encoder in eval mode and without gradients; fine-tuning's step mixes its batch."""
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import Lars
+
+    from core.bench import StepBench
+    from finetune.train import Finetune
+
+    lp = ["task=linprobe", "optim.name=lars", "optim.weight_decay=0", "model.global_pool=token", "aug.mixup=0"]
+    cfg = finetune_config(tiny_imagenet, REPO / "unused", *lp, "aug.cutmix=0", "aug.smoothing=0")
+    probe = StepBench(Finetune, cfg, torch.device("cpu"))
+    model = probe.run.model
+    assert isinstance(probe.run.optimizer, Lars) and probe.task.mixup is None
+    assert type(probe.task.criterion) is torch.nn.CrossEntropyLoss
+    frozen = [p for n, p in model.named_parameters() if not n.startswith("head")]
+    before = [p.clone() for p in frozen]
+    probe.step()
+    assert not model.blocks.training and model.head.training
+    assert all(p.grad is None and torch.equal(p, b) for p, b in zip(frozen, before))  # the encoder never moves
+    tune = StepBench(Finetune, finetune_config(tiny_imagenet, REPO / "unused"), torch.device("cpu"))
+    assert tune.task.mixup is not None and isinstance(tune.task.criterion, SoftTargetCrossEntropy)
+
+
+@pytest.mark.parametrize("task", ["finetune", "coco"])
+def test_the_bench_step_is_the_first_training_step(task, tiny_imagenet, tiny_coco, tmp_path):
+    """Same seed, same config: the driver's first step computes the loss a training run logs at step 1
+    (fine-tuning: its Mixup drawn per batch; detection: clipping on), bit for bit."""
+    from core.bench import StepBench
+    from detection.train import Detection
+    from detection.train import run as run_detection
+    from finetune.train import Finetune
+    from finetune.train import run as run_finetune
+
+    if task == "finetune":
+        cfg, cls, fit = (
+            finetune_config(tiny_imagenet, tmp_path / "r", "log.every=1", "max_epochs=1"),
+            Finetune,
+            run_finetune,
+        )
+    else:
+        cfg, cls, fit = (
+            detection_config(tiny_coco, tmp_path / "r", "optim.clip_grad=1.0", "max_iters=1"),
+            Detection,
+            run_detection,
+        )
+    loss, _ = StepBench(cls, cfg, torch.device("cpu")).step()
+    fit(cfg)
+    first = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["loss"] == loss.item()
 
 
 def test_gpu_check_writes_its_summary_and_says_what_it_could_not_do(tmp_path):

@@ -12,9 +12,9 @@ from pretrain.train import Pretrain
 
 def one_batch(tiny_imagenet, tmp_path):
     task = Pretrain(pretrain_config(tiny_imagenet, tmp_path / "o", "amp=bf16"), DistEnv())
-    task.build(None)
-    task.train_mode()
-    _, _, batch = next(micro_batches(task.train_loader, task.train_sampler, 4, 0))
+    run = task.build(None)
+    task.train_mode(run.model)
+    _, _, batch = next(micro_batches(run.train_loader, run.train_sampler, 4, 0))
     return task, task.prepare(batch, 0, 0)
 
 

@@ -73,7 +73,8 @@ HOSTILE = {
         ("optim.lr={a: 1}", "command line: optim.lr={a: 1}: expected a number > 0 or null"),
         ("data.batch_per_gpu=0", "command line: data.batch_per_gpu=0: expected an integer >= 1"),
         ("log.every=0", "command line: log.every=0: expected an integer >= 1"),
-        ("log.save_every_epochs=-2", "log.save_every_epochs=-2: expected an integer >= 1 or null"),
+        ("log.save_every=-2", "log.save_every=-2: expected an integer >= 1 or null"),
+        ("log.save_every_epochs=2", "command line: unknown option 'log.save_every_epochs'; valid keys here: every, "),
         ("max_epochs=0", "command line: max_epochs=0: expected an integer >= 1 or null"),
         ("model.mask_ratio=1.0", "command line: model.mask_ratio=1.0: expected a number in \\(0, 1\\)"),
         ("data.crop_scale=[1.0,0.2]", "data.crop_scale=\\[1.0, 0.2\\]: expected .* in non-decreasing order"),
@@ -105,6 +106,7 @@ HOSTILE = {
     "finetune": [
         ("epochs=ten", "command line: epochs='ten': expected an integer >= 1"),
         ("epochs=0", "command line: epochs=0: expected an integer >= 1"),
+        ("log.save_every=0", "command line: log.save_every=0: expected an integer >= 1 or null"),
         ("aug.crop_scale=0.5", "command line: aug.crop_scale=0.5: expected a list of 2 numbers"),
         ("aug.crop_scale=[0.9,0.1]", "aug.crop_scale=\\[0.9, 0.1\\]: expected .* in non-decreasing order"),
         ("aug.mixup=-0.1", "command line: aug.mixup=-0.1: expected a number >= 0"),

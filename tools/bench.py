@@ -1,21 +1,27 @@
-"""Pretraining benchmarks: the training step of a recipe, its input pipeline, and the authors' step beside ours.
+"""Benchmarks of every task, on the one driver `core.bench.StepBench`, plus pretraining's own extras.
 
     python -m tools.bench pretrain -c base [key=value ...] [--batch 256 --compile --end-to-end --authors PATH]
+    python -m tools.bench finetune|coco|ade20k -c RECIPE [key=value ...] [--batch N --steps N ...]
     python -m tools.bench loader -c base data.root=/path/to/imagenet [data.backend=gpu data.workers=16]
 
-`pretrain` builds exactly what `python -m pretrain -c RECIPE [key=value ...]` trains (the recipe's student,
-decoder, first target, optimiser, clipping, amp, device) and times whole training steps: teacher forward,
-student forward/backward, loss, AdamW. Synthetic images always (compute only); with `--end-to-end` also
-batches from `data.root` through the configured data path (`data.backend`, `data.workers`). FLOPs of one
-step are counted (core.speed.count_flops, attention included on CPU): images/s, achieved TFLOP/s, MFU.
+Every training bench builds the task exactly as `python -m <task> -c RECIPE [key=value ...]` trains it (the
+same config, `build`, `Run` and Stepper) and times its own optimizer step: `prepare` (masks, Mixup, to the
+device), `forward`, backward, clipping, accumulation, amp, compile as configured (`core.bench`). Batches
+come from the task's own data path: `data.root` when given on the command line, else a small synthetic set
+in the task's layout written to a temporary folder (compute only: a few batches are read once and reused).
+Each subcommand's `-h` lists its flags. Prints one JSON line per command.
+
+`pretrain` also counts the FLOPs of a step (core.speed.count_flops, attention included on CPU): achieved
+TFLOP/s and MFU; `--stage k` times stage k's step (after the task's own stage switches); `--end-to-end` also
+times steps reading the loader as training does (`data.backend`, `data.workers`).
 `--authors /path/to/dbot/models_mae.py` times the authors' released step (their MaskedAutoencoderViT with the
 recipe's sizes, fp16 autocast + GradScaler on CUDA, AdamW, their clipping and per-step `loss.item()`) and
 ours on the same device in one process, interleaved, and prints the throughput ratio. The file is imported
 from the given path with its checkout on sys.path (it needs `util/pos_embed.py` beside it, timm and
 torchvision; nothing else of theirs is imported).
 
-`loader` measures the input pipeline alone: images/s, CPU seconds per image (main process + workers) and so
-images per core-second, on the device the backend decodes on. Prints one JSON line per command.
+`loader` measures the pretraining input pipeline alone: images/s, CPU seconds per image (main process +
+workers) and so images per core-second, on the device the backend decodes on.
 """
 
 from __future__ import annotations
@@ -24,90 +30,112 @@ import contextlib
 import importlib.util
 import json
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from core import datapath, errors, speed
+from core.bench import StepBench
 from core.config import ConfigError
 from core.dist import DistEnv
 
-CONFIGS = Path(__file__).resolve().parents[1] / "pretrain" / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "pretrain" / "configs"
 BATCH_KEYS = ("data.batch_per_gpu", "optim.global_batch")
 
 
-# ----------------------------------------------------------------------------- the suite's training step
-class OursStep:
-    """One pretraining step of the suite as training runs it, built from a pretraining config, in stage `stage`
-    (0: the first target; k: after k stage switches, e.g. the bootstrapped full-depth teacher where the L/H
-    recipes start from a depth-0 one): the recipe's `pretrain.train.Pretrain` task (its student, target,
-    masker, optimizer and stage switch) driven through `core.engine.Stepper`, as `core.trainer` drives it.
+# ------------------------------------------------------------------------------------- synthetic data
+def synthetic_imagenet(root: Path, classes: int, train_images: int, val_per_class: int = 1) -> Path:
+    """An ImageNet-layout folder of `classes` classes with at least `train_images` training images: 32 px
+    noise JPEGs (the task's own transform resizes them to the model's input)."""
+    rng = np.random.default_rng(0)
+    per_class = max(1, -(-train_images // classes))
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in range(classes):
+            d = root / split / f"class{c:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+    return root
 
-    `step(images, spec)` = the task's `forward` (mask from the loader's specs, target and student forward, loss)
-    under autocast, backward, optimizer step, the target's after-step hook; returns the loss (not synchronised).
-    `compile()` switches to the engine's compiled step (`compile=true`: one graph for the whole forward).
-    """
 
-    def __init__(self, cfg, device: torch.device, stage: int = 0):
-        from core import engine
-        from pretrain import train
+def synthetic_coco(root: Path, classes: int, train_images: int) -> Path:
+    """The generated COCO-layout set (tools.datasets) with its category list padded to `classes`."""
+    from tools.datasets import make_coco
 
+    make_coco(root, seed=0, train_images=max(train_images, 4), val_images=2)
+    for path in (root / "annotations").glob("instances_*2017.json"):
+        d = json.loads(path.read_text())
+        have = len(d["categories"])
+        d["categories"] += [{"id": i + 1, "name": f"class{i}", "supercategory": "none"} for i in range(have, classes)]
+        path.write_text(json.dumps(d))
+    return root
+
+
+def synthetic_ade20k(root: Path, classes: int, train_images: int) -> Path:
+    """The generated ADE20K-layout set (tools.datasets, labels 0..8) named for `classes` classes."""
+    from tools.datasets import make_ade20k
+
+    if classes < 8:
+        raise ConfigError(f"--classes {classes}: the synthetic ADE20K set has labels up to 8; give 8 or more")
+    make_ade20k(root, seed=0, train_images=max(train_images, 2), val_images=1)
+    (root / "class_names.txt").write_text("\n".join(f"class{i}" for i in range(classes)) + "\n")
+    return root
+
+
+SYNTHETIC = {"imagenet": synthetic_imagenet, "coco": synthetic_coco, "ade20k": synthetic_ade20k}
+
+
+def given_data(args) -> bool:
+    return any(o.startswith("data.root=") for o in args.overrides)
+
+
+@contextlib.contextmanager
+def bench_data(cfg, args, layout: str, classes: int):
+    """`cfg` reading `data.root` when the command line gives it, else a synthetic set in the task's layout
+    (enough images for one accumulation group, read without worker processes) in a temporary folder."""
+    if given_data(args):
+        yield cfg
+        return
+    with tempfile.TemporaryDirectory(prefix="dbot-bench-") as tmp:
         cfg = cfg.copy()
-        cfg.probe.every = None  # the step is timed, not the online probe between epochs
-        if not Path(cfg.data.root).is_dir():  # synthetic data: the plan's data check needs some folder
-            cfg.data.root = "."
-        self.task = task = train.Pretrain(cfg, DistEnv(device=device))
-        self.plan = plan = task.plan
-        if not 0 <= stage < len(plan.stages):
-            raise ConfigError(f"--stage {stage}: the recipe has stages 0..{len(plan.stages) - 1}")
-        task.stage = 0
-        task.student, task.target = train.first_target(plan, 0)
-        task.student.to(device)
-        task.target.to(device)
-        task.masker = train.build_masker(plan)
-        task.model, task.optimizer = task.student, task.optimizer_for(task.student)
-        self.stepper = engine.Stepper(task.model, task.optimizer, amp=task.amp, clip_grad=task.clip_grad, device=device)
-        for k in range(1, stage + 1):  # the task's own stage switch (bootstrapped teacher, re-initialised student)
-            task.switch(k)
-            self.stepper.swap(task.model, task.optimizer)
-        self.stage, self.forward, self.compiled = stage, task.forward, False
-        self.img_size, self.amp, self.device = plan.arch["img_size"], task.amp, device
+        images = int(cfg.data.batch_per_gpu) * 2
+        cfg.data.root = str(SYNTHETIC[layout](Path(tmp) / layout, classes, images))
+        cfg.data.workers = 0
+        if "eval" in cfg and "workers" in cfg.eval:
+            cfg.eval.workers = 0
+        yield cfg
 
-    @property
-    def student(self):
-        return self.task.student
 
-    @property
-    def target(self):
-        return self.task.target
+def task_config(task: str, args):
+    """The task's config as its command reads it, with the bench's `--batch` / `--compile` (every process
+    count is one here: --batch sets data.batch_per_gpu and optim.global_batch alike)."""
+    from core.config import validate
 
-    @property
-    def masker(self):
-        return self.task.masker
+    cfg = speed.bench_config(REPO / TASKS[task][0] / "configs", args, BATCH_KEYS)
+    return validate(cfg, task_class(task).schema)
 
-    def compile(self) -> None:
-        """Switch to the compiled step (what `compile=true` gives in training)."""
-        self.forward = self.task.compile(True)
-        self.compiled = True
 
-    def step(self, images: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
-        stepper = self.stepper
-        stepper.start_step()
-        with stepper.autocast():
-            loss = self.forward(stepper.model, images, spec)["loss"]
-        stepper.backward(loss)
-        stepper.step()
-        self.task.after_step(stepper.step_count, 0)
-        return loss.detach()
+# ----------------------------------------------------------------------------- the suite's training step
+def pretrain_step(cfg, device: torch.device, stage: int = 0) -> StepBench:
+    """The pretraining step of `cfg` in stage `stage` (0: the first target; k: after k of the task's own stage
+    switches, e.g. the bootstrapped full-depth teacher where the L/H recipes start from a depth-0 one)."""
+    from pretrain.train import Pretrain
 
-    def synthetic(self, n: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        images = torch.randn(n, 3, self.img_size, self.img_size, generator=g).to(self.device)
-        with datapath.torch_seeded(seed):
-            spec = torch.stack([self.masker.sample() for _ in range(n)]).to(self.device)
-        return images, spec
+    cfg = cfg.copy()
+    cfg.probe.every = None  # the step is timed, not the online probe between epochs
+    stages = len(cfg.stages.epochs) - 1
+    if not 0 <= stage < stages:
+        raise ConfigError(f"--stage {stage}: the recipe has stages 0..{stages - 1}")
+    bench = StepBench(Pretrain, cfg, device)
+    for k in range(1, stage + 1):
+        bench.switch(bench.task.switch(k))
+    return bench
 
 
 # --------------------------------------------------------------------------------- the authors' step
@@ -239,104 +267,107 @@ def step_report(name: str, seconds: float, n: int, flops: int, peak: float | Non
 
 
 def bench_pretrain(args) -> dict:
-    cfg = speed.bench_config(CONFIGS, args, BATCH_KEYS)
+    cfg = task_config("pretrain", args)
     device = speed.resolve_device(cfg.device)
-    n = int(cfg.data.batch_per_gpu)
-    ours = OursStep(cfg, device, args.stage)
-    images, spec = ours.synthetic(n)
-    # FLOPs counted eagerly: the counter's hooks must not be traced into compiled graphs
-    flops = speed.count_flops(lambda: ours.step(images, spec))
-    peak = speed.peak_tflops(device, args.peak_tflops)
-    res = {
-        "bench": "pretrain",
-        "recipe": args.config,
-        "overrides": list(args.overrides),
-        "model": cfg.model.size,
-        "arch": ours.plan.arch,
-        "decoder": dict(cfg.model.decoder) if cfg.model.kind == "mae" else None,
-        "stage": ours.stage,
-        "target": ours.target.describe(),
-        "device": speed.device_name(device),
-        "amp": ours.amp,
-        "compile": bool(cfg.compile),
-        "batch": n,
-        "gflop_per_image": round(flops / n / 1e9, 2),
-        "peak_tflops": peak,
-    }
-    fns = {}
-    if args.authors:
-        authors = AuthorsStep(load_authors_module(args.authors), cfg, ours.plan, device)
-        res["authors_gflop_per_image"] = round(speed.count_flops(lambda: authors.step(images)) / n / 1e9, 2)
-        res["authors_amp"] = "fp16 + GradScaler" if device.type == "cuda" else "none (torch.cuda.amp on CPU)"
-        fns["authors"] = lambda: authors.step(images)
-        fns["ours"] = lambda: ours.step(images, spec)
-        if cfg.compile:
-            compiled = OursStep(cfg, device, args.stage)
-            compiled.compile()
-            fns["ours_compiled"] = lambda: compiled.step(images, spec)
-    else:
-        if cfg.compile:
+    with bench_data(cfg, args, "imagenet", classes=4) as cfg:
+        ours = pretrain_step(cfg, device, args.stage)
+        task, n = ours.task, int(cfg.data.batch_per_gpu) * ours.accum
+        flops = ours.flops()  # counted eagerly, before any compilation
+        peak = speed.peak_tflops(device, args.peak_tflops)
+        res = {
+            "bench": "pretrain",
+            "recipe": args.config,
+            "overrides": list(args.overrides),
+            **ours.describe(),
+            "model": cfg.model.size,
+            "arch": task.plan.arch,
+            "decoder": dict(cfg.model.decoder) if cfg.model.kind == "mae" else None,
+            "stage": task.stage,
+            "target": task.target.describe(),
+            "data": cfg.data.root if given_data(args) else "synthetic",
+            "gflop_per_image": round(flops / n / 1e9, 2),
+            "peak_tflops": peak,
+        }
+        fns = {}
+        if args.authors:
+            images = task.prepare(ours.batches[0][2], 0, 0)[0]
+            authors = AuthorsStep(load_authors_module(args.authors), cfg, task.plan, device)
+            res["authors_gflop_per_image"] = round(speed.count_flops(lambda: authors.step(images)) / n / 1e9, 2)
+            res["authors_amp"] = "fp16 + GradScaler" if device.type == "cuda" else "none (torch.cuda.amp on CPU)"
+            fns["authors"] = lambda: authors.step(images)
+            fns["ours"] = ours.step
+            if cfg.compile:
+                compiled = pretrain_step(cfg, device, args.stage)
+                compiled.compile()
+                fns["ours_compiled"] = compiled.step
+        else:
             ours.compile()
-        fns["ours_compiled" if cfg.compile else "ours"] = lambda: ours.step(images, spec)
-    for f in fns.values():  # warm-up (and compilation) before any timing
-        for _ in range(max(args.warmup, 1 if cfg.compile else 0)):
-            f()
-    rounds = speed.interleaved(fns, args.steps, args.rounds, device)
-    for name, times in rounds.items():
-        res.update(step_report(name, speed.median(times), n, flops, peak))
-        res[f"{name}_rounds_s"] = [round(t, 4) for t in times]
-    if "authors" in rounds:
-        for name in rounds:
-            if name != "authors":  # > 1: ours is faster
-                ratio = [a / b for a, b in zip(rounds["authors"], rounds[name])]
-                res[f"{name}_vs_authors"] = round(speed.median(ratio), 3)
-    mem, kind = speed.peak_memory(device)
-    res.update(peak_mem_gib=round(mem, 2), mem_kind=kind)
-    if args.end_to_end:
-        res.update(end_to_end(cfg, ours, device, args))
+            fns["ours_compiled" if cfg.compile else "ours"] = ours.step
+        for f in fns.values():  # warm-up (and compilation) before any timing
+            for _ in range(max(args.warmup, 1 if cfg.compile else 0)):
+                f()
+        rounds = speed.interleaved(fns, args.steps, args.rounds, device)
+        for name, times in rounds.items():
+            res.update(step_report(name, speed.median(times), n, flops, peak))
+            res[f"{name}_rounds_s"] = [round(t, 4) for t in times]
+        if "authors" in rounds:
+            for name in rounds:
+                if name != "authors":  # > 1: ours is faster
+                    ratio = [a / b for a, b in zip(rounds["authors"], rounds[name])]
+                    res[f"{name}_vs_authors"] = round(speed.median(ratio), 3)
+        mem, kind = speed.peak_memory(device)
+        res.update(peak_mem_gib=round(mem, 2), mem_kind=kind)
+        if args.end_to_end:
+            seconds = ours.time(args.steps, args.warmup, live=True)
+            res.update(
+                e2e_data=res["data"],
+                e2e_backend=cfg.data.backend,
+                e2e_workers=int(cfg.data.workers),
+                e2e_images_per_s=round(n / seconds, 1),
+            )
     res["torch"] = torch.__version__
     return res
 
 
-def end_to_end(cfg, ours: OursStep, device: torch.device, args) -> dict:
-    """Training steps on batches from data.root through the configured data path (loader + to_device +
-    step), after `warmup` untimed ones; epochs wrap around when the folder is small."""
-    data = build_data(cfg, ours, device)
-    batches = cycle(data)
-    for _ in range(args.warmup):
-        images, _, spec = data.to_device(next(batches), device)
-        ours.step(images, spec)
-    speed.synchronize(device)
-    t0, count = time.perf_counter(), 0
-    for _ in range(args.steps):
-        images, _, spec = data.to_device(next(batches), device)
-        ours.step(images, spec)
-        count += images.shape[0]
-    speed.synchronize(device)
-    dt = time.perf_counter() - t0
-    return {
-        "e2e_data": str(cfg.data.root),
-        "e2e_backend": data.backend,
-        "e2e_workers": int(cfg.data.workers),
-        "e2e_images_per_s": round(count / dt, 1),
-    }
+# ------------------------------------------------------------------------- fine-tuning, COCO, ADE20K
+TASKS = {  # subcommand: (package, task class, bench module)
+    "pretrain": ("pretrain", "pretrain.train:Pretrain", None),
+    "finetune": ("finetune", "finetune.train:Finetune", "finetune.bench"),
+    "coco": ("detection", "detection.train:Detection", "detection.bench"),
+    "ade20k": ("segmentation", "segmentation.train:Segmentation", "segmentation.bench"),
+}
 
 
-def build_data(cfg, ours: OursStep, device: torch.device) -> datapath.PretrainData:
-    root = Path(cfg.data.root) / "train"
-    return datapath.pretrain_data(
-        cfg.data, root, ours.img_size, seed=int(cfg.seed), env=DistEnv(device=device), extra=ours.masker.sample
-    )
+def task_class(task: str):
+    module, name = TASKS[task][1].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def cycle(data: datapath.PretrainData):
-    epoch = 0
-    while True:
-        data.sampler.set_epoch(epoch)
-        for batch in data.loader:
-            if batch is not None:
-                yield batch
-        epoch += 1
+def bench_task(task: str, args) -> dict:
+    """The task's training step (`core.bench.StepBench`) and what its own bench module adds (inference)."""
+    extra = importlib.import_module(TASKS[task][2])
+    cfg = task_config(task, args)
+    device = speed.resolve_device(cfg.device)
+    with bench_data(cfg, args, extra.DATA, args.classes) as cfg:
+        bench = StepBench(task_class(task), cfg, device)
+        flops = bench.flops()  # eagerly, before compilation
+        images = bench.images_per_step()
+        bench.compile()
+        seconds = bench.time(args.steps, args.warmup)
+        memory, kind = speed.peak_memory(device)
+        res = {
+            "bench": task,
+            "recipe": args.config,
+            "overrides": list(args.overrides),
+            **bench.describe(),
+            "data": cfg.data.root if given_data(args) else "synthetic",
+            **bench.report(seconds, images, flops, speed.peak_tflops(device, args.peak_tflops)),
+            "train_peak_mem_gib": round(memory, 2),
+            "mem_kind": kind,
+        }
+        res.update(extra.measure(bench, args))
+    res["torch"] = torch.__version__
+    return res
 
 
 # -------------------------------------------------------------------------------------------------- loader
@@ -469,31 +500,47 @@ def _restarting(data, it):
         it = iter(data.loader)
 
 
-def main(argv=None) -> None:
-    import argparse
+COMMANDS = ("pretrain", "finetune", "coco", "ade20k", "loader")
 
-    top = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
-    top.add_argument("what", choices=("pretrain", "loader"))
-    what, rest = top.parse_known_args(argv)
-    p = speed.parser(f"python -m tools.bench {what.what}", __doc__)
-    if what.what == "pretrain":
-        p.add_argument("--end-to-end", action="store_true", help="also time steps on data.root through the data path")
+
+def command_parser(what: str):
+    """The parser of one subcommand: the shared flags (`core.speed.parser`) and the command's own."""
+    p = speed.parser(f"python -m tools.bench {what}", __doc__)
+    if what == "pretrain":
+        p.add_argument("--end-to-end", action="store_true", help="also time steps reading the loader as training does")
         p.add_argument(
             "--authors", default=None, metavar="MODELS_MAE_PY", help="the authors' models_mae.py (side by side)"
         )
         p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median counts)")
         p.add_argument("--stage", type=int, default=0, help="time the step of this stage (1: bootstrapped teacher)")
-    else:
+    elif what == "loader":
         p.add_argument(
             "--compare", nargs="+", default=None, metavar="BACKEND", help="time these data.backend values interleaved"
         )
         p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --compare (the median counts)")
-    args = p.parse_intermixed_args(rest)
-    if what.what == "pretrain":
-        res = bench_pretrain(args)
     else:
+        importlib.import_module(TASKS[what][2]).add_flags(p)
+    return p
+
+
+def main(argv=None) -> dict:
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:  # -h, or no / an unknown command: the top-level usage
+        top = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
+        top.add_argument("what", choices=COMMANDS, help="what to time; `python -m tools.bench WHAT -h`: its flags")
+        top.parse_args(argv[:1])
+    what = argv[0]
+    args = command_parser(what).parse_intermixed_args(argv[1:])
+    if what == "pretrain":
+        res = bench_pretrain(args)
+    elif what == "loader":
         res = compare_loaders(args) if args.compare else bench_loader(args)
+    else:
+        res = bench_task(what, args)
     print(json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":  # a user error: one line `error: ...`, exit 2 (DBOT_DEBUG=1: the traceback)
