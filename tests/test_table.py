@@ -15,6 +15,7 @@ from conftest import REPO
 from core import checkpoint as ckpt
 from core import weights
 from core.monitor import file_sha256
+from pretrain import setting
 from tools import table
 
 DBOT_CFG = {
@@ -37,15 +38,18 @@ def cfg(**over) -> dict:
     return c
 
 
-def pretrain_run(runs, name, config, stages=2, **fields):
+def pretrain_run(runs, name, config, stages=2, older=False, **fields):
     """A pretraining run folder: config.yaml, stage checkpoints (small suite files: meta and config, no
-    weights), results.json."""
+    weights) with the records pretraining writes (`older`: without them, as older versions of the suite
+    wrote them), results.json."""
     folder = runs / name
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     ckpts = {}
     for s in range(stages):
         meta = {"format": "dbot-suite/pretrain/v1", "stage": s}
+        if not older:
+            meta.update(setting.records(config, s, meta, teacher_file=False, has_teacher=False))
         ckpt.save({"model": {}, "meta": meta, "config": config}, folder / f"checkpoint-stage{s}-student.pth")
         ckpts[f"stage{s}_student"] = f"runs/{name}/checkpoint-stage{s}-student.pth"
     res = {
@@ -148,7 +152,7 @@ def md_line(t: table.Table, student: str, teacher: str) -> list[str]:
     ],
 )
 def test_teacher_labels(over, stage, expected):
-    assert table.teacher_label(weights.setting_from_config(cfg(**over), stage)) == expected
+    assert table.teacher_label(setting.setting_from_config(cfg(**over), stage)) == expected
 
 
 def test_student_names():
@@ -249,6 +253,31 @@ def test_provenance_of_each_cell(runs):
     assert p["commit"] == "d" * 40 and p["pretrain_commit"] == "p" * 40
     assert p["pretrain_run"] == str(ck.parent) and "stage-1 student" in p["row_from"]
     assert table.to_json(t)["rows"][0]["in1k"]["paper_source"] == "dbot_readme"
+
+
+def test_older_pretraining_files_are_placed_from_their_saved_config(tmp_path):
+    """Checkpoints of older versions record no setting: core calls them unknown (never a guessed row), the
+    downstream run records that, and the table reads the row from the run's saved config as before; without
+    a saved config the row is "?" with a note."""
+    runs = tmp_path / "runs"
+    pretrain_run(runs, "pretrain-base", cfg(), older=True)
+    ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
+    assert weights.is_unknown(weights.pretraining_setting(tmp_path / ck))
+    downstream(runs, "finetune-base", "finetune", ck, model="base", metrics={"top1": 84.31})
+    assert weights.is_unknown(json.loads((runs / "finetune-base" / "results.json").read_text())["pretraining"])
+    t = table.make_table(runs)
+    assert md_line(t, "ViT-B/16", "ViT-B (bootstrapped)")[3:6] == ["84.31", "84.5", "-0.19"]
+    prov = next(p for p in table.provenance_rows(t) if p["student"] == "ViT-B/16")
+    assert "read from checkpoint-stage1-student.pth" in prov["row_from"]
+    # no saved config anywhere: unknown stays unknown
+    bare = runs / "pretrain-bare"
+    bare.mkdir()
+    ckpt.save({"model": {}, "meta": {"format": "dbot-suite/pretrain/v1", "stage": 0}}, bare / "student.pth")
+    downstream(runs, "finetune-bare", "finetune", "runs/pretrain-bare/student.pth", model="base", metrics={"top1": 1.0})
+    t = table.make_table(runs)
+    assert md_line(t, "ViT-B/16", "?")[3] == "1.00"
+    prov = next(p for p in table.provenance_rows(t) if p["run"] == str(runs / "finetune-bare"))
+    assert "records no pretraining setting (written by an older version)" in prov["row_from"]
 
 
 def test_recorded_sha_is_kept_and_contradicting_file_not_used(runs, tmp_path):
