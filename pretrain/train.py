@@ -14,11 +14,11 @@ import torch
 from omegaconf import DictConfig
 
 from core import checkpoint as ckpt
-from core import datapath, dist, engine, probe, trainer
+from core import dist, engine, probe, trainer
 from core.config import ConfigError, check_file, check_folder, to_dict
 from core.optim import adamw, mae_pretrain_groups, warmup_cosine
 from core.vit import preset
-from pretrain import dbot, targets
+from pretrain import datapath, dbot, targets
 from pretrain import setting as recorded
 from pretrain.beit import SymmetricStudent
 from pretrain.masking import BlockMasking, RandomMasking

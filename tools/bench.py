@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from core import datapath, errors, speed
+from core import errors, speed
 from core.config import ConfigError
 from core.dist import DistEnv
+from pretrain import datapath
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pretrain" / "configs"
 BATCH_KEYS = ("data.batch_per_gpu", "optim.global_batch")
