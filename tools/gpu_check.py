@@ -1,4 +1,5 @@
-"""The prepared GPU check: every throughput figure issue 15 asks for, in one run of about 8 minutes.
+"""The prepared GPU check: the pretraining throughput figures a GPU gives (the authors' step beside ours, MFU of
+ViT-B/L/H, each data backend, end to end, a real run), in one run of about 8 minutes.
 
     tools/gpu_check.sh --out runs/gpu-check [--authors .authors/dbot/models_mae.py]   # on the GPU host
     python -m tools.gpu_check --dry-run --out /tmp/gpu-check                           # anywhere, a minute
