@@ -89,7 +89,7 @@ def _seed_job(arg_dict: dict, study: str, seed: int) -> None:
 
 
 def run_targets(args) -> dict:
-    """Claims (a)-(c): see the module docstring. Returns the study.json content."""
+    """Claims (a)-(c): see the package docstring (`tools/study/__init__.py`). Returns the study.json content."""
     t0 = time.time()
     data = ensure_data(args)
     per_seed, loads = run_seeds(args, "targets")
