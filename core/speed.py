@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from core.config import load_config
 
-# dense bf16 peak, TFLOP/s (RECIPES.md section 8)
+# dense bf16 peak, TFLOP/s (docs/RECIPES.md section 8)
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 

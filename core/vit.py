@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 # Architecture presets. `tiny` is the CPU demo size (32 px images, 4 px patches).
 PRESETS: dict[str, dict] = {
     "tiny": dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3),
-    # the study (tools/study.py): claim (d)'s wider teacher at the CPU scale; the GPU scale's student and teacher
+    # the study (tools/study/): claim (d)'s wider teacher at the CPU scale; the GPU scale's student and teacher
     "tiny_wide": dict(img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=6),
     "small64": dict(img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6),
     "base64": dict(img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12),

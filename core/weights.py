@@ -14,9 +14,10 @@ pickled code (see core.checkpoint.load).
 patch kernel resized for another patch size) and reports what was dropped, missing, unexpected and reshaped;
 a tensor that cannot be adapted is a CheckpointError naming it.
 
-`pretraining_setting(path)` is what a checkpoint made by this suite's pretraining says about how it was made
-(student, first target, teacher, bootstrapping, stage); every downstream task writes it into results.json
-under `pretraining`, and `tools.table` places the run's row by it. Files made elsewhere give None.
+`pretraining_setting(path)` is what a checkpoint made by this suite records in its `meta` about how its weights
+were pretrained (student, first target, teacher, bootstrapping, stage; the fields are pretraining's, written by
+`pretrain.setting`); every downstream task writes it into results.json under `pretraining`, and `tools.table`
+places the run's row by it. Files made elsewhere give None; a suite file that records nothing is "unknown".
 
 Writers for other codebases live in `tools/convert.py`.
 """
@@ -34,9 +35,11 @@ import torch.nn.functional as F
 from core import checkpoint as ckpt
 from core.vit import PRESETS, build_vit, resize_pos_embed
 
-# pretraining-only keys: the decoder (MAE: decoder_pred; released dBOT: decoder_predp), the mask token, the
-# symmetric student's shared relative position bias
-DECODER_PREFIXES = ("decoder_", "mask_token", "rel_pos_bias.")
+SUITE_PREFIX = "dbot-suite/"  # the `meta.format` of every checkpoint this suite writes starts with it
+# Keys of pretraining files made elsewhere that are not the encoder: the decoder (MAE: decoder_pred; the released
+# dBOT: decoder_predp), the mask token, the BEiT-style student's shared relative position bias. A checkpoint of
+# this suite's pretraining records its own (`meta["not_encoder"]`); these apply to files that record none.
+RELEASED_NOT_ENCODER = ("decoder_", "mask_token", "rel_pos_bias.")
 HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.")
 WRAPPER_PREFIXES = ("teacher.", "encoder.", "backbone.")
 
@@ -52,7 +55,7 @@ def detect_layout(obj) -> str:
     """A name for the container layout of a loaded checkpoint object."""
     if isinstance(obj, dict):
         meta = obj.get("meta")
-        if isinstance(meta, dict) and str(meta.get("format", "")).startswith("dbot-suite/"):
+        if isinstance(meta, dict) and str(meta.get("format", "")).startswith(SUITE_PREFIX):
             return meta["format"]
         if "model" in obj and isinstance(obj["model"], dict):
             keys = obj["model"].keys()
@@ -68,6 +71,16 @@ def detect_layout(obj) -> str:
     return "unknown"
 
 
+def not_encoder(obj) -> tuple[str, ...]:
+    """Key prefixes of a loaded checkpoint's pretraining-only parts: those its `meta` records (this suite's
+    pretraining), else `RELEASED_NOT_ENCODER`."""
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    recorded = meta.get("not_encoder") if isinstance(meta, Mapping) else None
+    if isinstance(recorded, list | tuple) and all(isinstance(k, str) for k in recorded):
+        return tuple(recorded)
+    return RELEASED_NOT_ENCODER
+
+
 def read_backbone(path: str | os.PathLike, key: str | None = None, keep_head: bool = False):
     """Encoder weights `{timm name: tensor}` and a BackboneInfo from any supported checkpoint.
 
@@ -80,7 +93,7 @@ def read_backbone(path: str | os.PathLike, key: str | None = None, keep_head: bo
     for prefix in WRAPPER_PREFIXES:  # a teacher inside checkpoint-last's target, an encoder wrapper
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    drop = DECODER_PREFIXES + (() if keep_head else HEAD_PREFIXES)
+    drop = not_encoder(obj) + (() if keep_head else HEAD_PREFIXES)
     dropped = [k for k in sd if k.startswith(drop)]
     sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
@@ -185,16 +198,17 @@ def fit_to_model(
 
 
 # ------------------------------------------------------------------------------------ pretraining setting
-PRETRAIN_FORMAT = "dbot-suite/pretrain/v1"
-SUITE_PREFIX = "dbot-suite/"
 
 
-def _get(d, dotted: str, default=None):
-    for part in dotted.split("."):
-        if not isinstance(d, Mapping) or part not in d:
-            return default
-        d = d[part]
-    return d
+def unknown_setting(fmt: str) -> dict:
+    """The setting of a suite checkpoint that records none: written by an older version of the suite. Said
+    so, never guessed (`pretrain.setting.read_setting` reconstructs such files from their saved config)."""
+    return {"unknown": f"a {fmt} checkpoint that records no pretraining setting (written by an older version)"}
+
+
+def is_unknown(setting) -> bool:
+    """Whether `setting` is `unknown_setting`'s answer."""
+    return isinstance(setting, Mapping) and "unknown" in setting
 
 
 def size_of_arch(arch: Mapping | None) -> str | None:
@@ -207,116 +221,47 @@ def size_of_arch(arch: Mapping | None) -> str | None:
     return None
 
 
-def setting_from_config(config: Mapping, stage: int, weights: str = "student", meta: Mapping | None = None) -> dict:
-    """The pretraining setting of the encoder of a pretraining run configured by `config` (its resolved
-    config.yaml as a mapping).
-
-    stage: the stage whose student the weights are (for `weights="teacher"`: 0, the first target itself).
-    weights: "student" (a dBOT student after `stage + 1` stages) or "teacher" (the stage-0 ViT teacher).
-    meta: a stage checkpoint's `meta` (student_arch, teacher: {kind, args}), which is more precise than the
-    config where both are present.
-
-    Returns a JSON-ready dict:
-    `{"weights", "stage", "student": {"size", "kind", "patch_size", "embed_dim", "depth"},
-      "first_target": {"kind", "random", "timm_name", "norm_pix"}, "teacher": {"size", "kind"} or None,
-      "bootstrap"}`. `first_target.random` is True for dBOT's start (a randomly initialised ViT teacher);
-    `teacher` is the first stage's teacher network (None for pixels/HOG); kind "vit", "beit", "timm", "ema".
-    """
-    if weights not in ("student", "teacher"):
-        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
-    meta = meta or {}
-    size = _get(config, "model.size")
-    kind = _get(config, "model.kind") or "mae"
-    arch = dict(PRESETS.get(size, {}))
-    arch.update({k: v for k in ("embed_dim", "num_heads", "img_size") if (v := _get(config, f"model.{k}"))})
-    if isinstance(meta.get("student_arch"), Mapping):
-        arch.update(meta["student_arch"])
-    target = _get(config, "target.kind") or "teacher"
-    ckpt_teacher = _get(config, "teacher.checkpoint")
-    tsize = _get(config, "teacher.size") or size
-    if target == "teacher":
-        tkind = "vit" if ckpt_teacher or kind != "beit" else "beit"
-        teacher = {"size": tsize, "kind": tkind}
-    elif target == "ema":
-        teacher = {"size": size, "kind": "ema"}
-    elif target == "timm":
-        teacher = {"size": None, "kind": "timm"}
-    else:
-        teacher = None
-    spec = meta.get("teacher")  # pretrain.dbot.teacher_spec: {"kind", "args": architecture}
-    if stage == 0 and teacher is not None and isinstance(spec, Mapping) and isinstance(spec.get("args"), Mapping):
-        teacher["size"] = size_of_arch(spec["args"]) or teacher["size"]
-    norm_pix = _get(config, "target.pixels.norm_pix")
-    return {
-        "weights": weights,
-        "stage": int(stage),
-        "student": {
-            "size": size,
-            "kind": kind,
-            "patch_size": arch.get("patch_size"),
-            "embed_dim": arch.get("embed_dim"),
-            "depth": arch.get("depth"),
-        },
-        "first_target": {
-            "kind": target,
-            "random": target == "teacher" and not ckpt_teacher,
-            "timm_name": _get(config, "target.timm.name") if target == "timm" else None,
-            "norm_pix": (norm_pix is not False) if target == "pixels" else None,
-        },
-        "teacher": teacher,
-        "bootstrap": _get(config, "teacher.bootstrap", True) is not False,
-    }
-
-
-def _config_beside(path: Path) -> dict | None:
-    """The run folder's resolved config.yaml (teacher files carry no config of their own)."""
+def _config_of(obj: Mapping, path: Path) -> Mapping | None:
+    """The run's resolved config: saved in the checkpoint, else the run folder's config.yaml."""
+    if isinstance(obj.get("config"), Mapping):
+        return obj["config"]
     import yaml
 
     try:
         doc = yaml.safe_load((path.parent / "config.yaml").read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
-    return doc if isinstance(doc, dict) else None
+    return doc if isinstance(doc, Mapping) else None
 
 
 def pretraining_setting(path: str | os.PathLike, key: str | None = None, _depth: int = 0) -> dict | None:
-    """The pretraining setting (`setting_from_config`) of a checkpoint made by this suite; None for files made
-    elsewhere (the authors', MAE's, timm's) or a suite file that does not say.
+    """How the weights of a checkpoint made by this suite were pretrained, as the checkpoint's `meta` records
+    it; None for files made elsewhere (the authors', MAE's, timm's) and for weights not pretrained here.
 
-    - A pretraining stage file: `checkpoint-stage{k}-student.pth` is the stage-k student; the matching
-      `-teacher.pth` is the stage-(k-1) student when the run bootstraps (k >= 1), else the first target itself.
-      `checkpoint-last.pth` is its student (`key="target"`: its teacher, read the same way).
-    - Any suite file whose `meta` records `pretraining` (a downstream task's checkpoint) gives that record;
-      otherwise a downstream file is followed to the `checkpoint` its saved config started from.
-    key: as for `read_backbone`.
+    - `meta["pretraining"]` is the setting of the file's own weights (pretraining's stage files and
+      checkpoint-last: the student, or the teacher of a `-teacher.pth` file, `pretrain.setting`; a downstream
+      task's files: the setting of the checkpoint it started from, None from random init).
+    - `key` (an entry of the container, as for `read_backbone`): `meta["pretraining_entries"][key]`
+      (checkpoint-last's `target`: its teacher); None if the file records the entries and not this one.
+    - A suite file that records nothing (written by an older version): a downstream file whose saved config
+      names the `checkpoint` it started from leads to that file; otherwise `unknown_setting`.
     """
     path = Path(path)
     obj = ckpt.load(path)
     meta = obj.get("meta") if isinstance(obj, Mapping) else None
     if not isinstance(meta, Mapping) or not str(meta.get("format", "")).startswith(SUITE_PREFIX):
         return None
-    if isinstance(meta.get("pretraining"), Mapping) and key is None:
-        return dict(meta["pretraining"])
-    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else _config_beside(path)
-    if meta.get("format") != PRETRAIN_FORMAT:
-        start = _get(config, "checkpoint")
-        if not start or _depth >= 8:
+    if "pretraining" in meta:
+        recorded = meta["pretraining"] if key is None else (meta.get("pretraining_entries") or {}).get(key)
+        return dict(recorded) if isinstance(recorded, Mapping) else None
+    config = _config_of(obj, path)
+    if key is None and isinstance(config, Mapping) and "checkpoint" in config:
+        start = config["checkpoint"]
+        if not start:
             return None
         start = Path(start)
         if not start.is_file() and (path.parent / start.name).is_file():
             start = path.parent / start.name
-        return pretraining_setting(start, _depth=_depth + 1) if start.is_file() else None
-    if config is None:
-        return None
-    is_teacher = key in ("target", "teacher") or path.name.endswith("-teacher.pth")
-    return stage_setting(config, int(meta.get("stage", 0)), meta, teacher=is_teacher)
-
-
-def stage_setting(config: Mapping, stage: int, meta: Mapping, teacher: bool = False) -> dict:
-    """The setting of a pretraining run's stage-`stage` student, or (teacher=True) of the teacher it learnt
-    from: the stage-(k-1) student when the run bootstraps (k >= 1), else the first target itself."""
-    if not teacher:
-        return setting_from_config(config, stage, "student", meta)
-    if stage >= 1 and _get(config, "teacher.bootstrap", True) is not False:
-        return setting_from_config(config, stage - 1, "student", meta={})
-    return setting_from_config(config, 0, "teacher", meta if stage == 0 else {})
+        if start.is_file() and _depth < 8:
+            return pretraining_setting(start, _depth=_depth + 1)
+    return unknown_setting(str(meta["format"]))

@@ -24,7 +24,7 @@ from torch import nn
 
 from core.vit import Backbone, init_module
 
-# Global-attention blocks per size (RECIPES.md 4); tiny (4 blocks) mirrors the pattern with its 2nd and 4th.
+# Global-attention blocks per size (docs/RECIPES.md 4); tiny (4 blocks) mirrors the pattern with its 2nd and 4th.
 GLOBAL_BLOCKS = {
     "tiny": (1, 3),
     "small": (2, 5, 8, 11),

@@ -1,4 +1,4 @@
-"""The parts of torchvision's Mask R-CNN that ViTDet (detectron2) sets differently (RECIPES.md 4):
+"""The parts of torchvision's Mask R-CNN that ViTDet (detectron2) sets differently (docs/RECIPES.md 4):
 
 - `Anchors`: detectron2's `DefaultAnchorGenerator` (offset 0) does not round the cell anchors; torchvision does;
 - `LevelRoIAlign`: RoIAlign with aligned=True, adaptive sampling (ratio 0) and fixed level scales (torchvision's

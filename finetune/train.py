@@ -1,6 +1,6 @@
 """Fine-tuning, linear probing and transfer classification: `python -m finetune -c RECIPE [key=value ...]`.
 
-The recipe files in finetune/configs/ hold the numbers (RECIPES.md section 3); the loop is the shared engine
+The recipe files in finetune/configs/ hold the numbers (docs/RECIPES.md section 3); the loop is the shared engine
 (`core/trainer.py`). This file is what is the task's own: the classifier started from a pretrained
 checkpoint, layer-decayed AdamW (or LARS for the linear probe), Mixup/CutMix with label smoothing, the
 per-step warmup + cosine schedule, top-1/top-5 after every epoch and the best checkpoint.

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.config import SEED_MAX, ConfigError, EpochRunOptions, option, section
-from core.datapath import BACKENDS
 from core.optim import peak_lr
 from core.vit import PRESETS, preset
+from pretrain.datapath import BACKENDS
 from pretrain.dbot import Stages
 from pretrain.targets import KINDS
 from pretrain.targets.ema import COSINE_OVER, EVERY

@@ -14,16 +14,15 @@ import torch
 from omegaconf import DictConfig
 
 from core import checkpoint as ckpt
-from core import datapath, dist, engine, probe, trainer, weights
+from core import dist, engine, probe, trainer
 from core.config import ConfigError, check_file, check_folder, to_dict
 from core.optim import adamw, mae_pretrain_groups, warmup_cosine
-from pretrain import dbot, targets
+from pretrain import datapath, dbot, targets
+from pretrain import setting as recorded
 from pretrain.beit import SymmetricStudent
 from pretrain.masking import BlockMasking, RandomMasking
 from pretrain.model import MaskedStudent
 from pretrain.schema import PretrainConfig, derive
-
-FORMAT = "dbot-suite/pretrain/v1"
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -156,7 +155,7 @@ def lr_schedule(plan: Plan, batches_per_epoch: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ task
 class Pretrain(trainer.Task):
-    name, format, unit = "pretrain", FORMAT, "epoch"
+    name, format, unit = "pretrain", recorded.FORMAT, "epoch"
     schema = PretrainConfig
 
     def __init__(self, cfg, env):
@@ -289,7 +288,7 @@ class Pretrain(trainer.Task):
     def save_stage(self, epoch: int, optimizer_state: dict) -> None:
         """The stage's pair: the student (with decoder, and `optimizer_state`: the Stepper's optimiser, scaler,
         step) and the teacher it learnt from (none for pixel / HOG / timm targets)."""
-        meta, name = {"format": FORMAT, **self.meta()}, f"checkpoint-stage{self.stage}"
+        meta, name = {"format": recorded.FORMAT, **self.meta(target_entry=False)}, f"checkpoint-stage{self.stage}"
         state = {
             "model": self.student.state_dict(),
             **optimizer_state,
@@ -300,7 +299,7 @@ class Pretrain(trainer.Task):
         self.saved(f"stage{self.stage}_student", ckpt.save(state, self.out / f"{name}-student.pth"))
         teacher = getattr(self.target, "teacher", None)
         if teacher is not None:
-            meta = {"format": FORMAT, **self.meta(teacher_file=True)}
+            meta = {"format": recorded.FORMAT, **self.meta(teacher_file=True)}
             path = ckpt.save({"model": teacher.state_dict(), "meta": meta}, self.out / f"{name}-teacher.pth")
             self.saved(f"stage{self.stage}_teacher", path)
 
@@ -312,9 +311,11 @@ class Pretrain(trainer.Task):
             "stage_losses": self.stage_losses,
         }
 
-    def meta(self, teacher_file: bool = False) -> dict:
-        """What a checkpoint of this stage records, with the pretraining setting of its weights (the student's,
-        or for a teacher file the teacher's) as `core.weights` describes it."""
+    def meta(self, teacher_file: bool = False, target_entry: bool = True) -> dict:
+        """What a checkpoint of this stage records, with the records `core.weights` reads (`pretrain.setting`):
+        the pretraining setting of its weights (the student's, or for a teacher file the teacher's), of the
+        teacher in checkpoint-last's `target` (`target_entry`: the container has that entry), and the
+        student's pretraining-only key prefixes."""
         teacher = getattr(self.target, "teacher", None)
         meta = {
             "stage": self.stage,
@@ -326,7 +327,15 @@ class Pretrain(trainer.Task):
             "teacher": dbot.teacher_spec(teacher) if teacher is not None else None,
             "first_target": self.first,
         }
-        meta["pretraining"] = weights.stage_setting(to_dict(self.cfg), self.stage, meta, teacher=teacher_file)
+        meta.update(
+            recorded.records(
+                to_dict(self.cfg),
+                self.stage,
+                meta,
+                teacher_file=teacher_file,
+                has_teacher=target_entry and teacher is not None,
+            )
+        )
         return meta
 
     def describe(self) -> str:

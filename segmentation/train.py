@@ -1,6 +1,6 @@
 """ADE20K UperNet training and evaluation: `python -m segmentation -c RECIPE [key=value ...]`.
 
-The recipe files in segmentation/configs/ hold the numbers (RECIPES.md section 5); the loop is the shared
+The recipe files in segmentation/configs/ hold the numbers (docs/RECIPES.md section 5); the loop is the shared
 engine (`core/trainer.py`, iteration unit: micro-batch m of the run is batch m mod B of epoch m div B, so a
 resumed run restarts the sampler mid-epoch where it stopped). What is segmentation's own: data with the
 label check, the segmentor started from a pretrained backbone, layer-decayed AdamW, the per-iteration poly

@@ -1,4 +1,4 @@
-"""Typed, range-checked configs (issue 13): every bad value a one-line ConfigError naming the layer, the option,
+"""Typed, range-checked configs: every bad value a one-line ConfigError naming the layer, the option,
 the value and what is expected, before any compute, for the four tasks; default.yaml and the schema cannot drift."""
 
 import shutil

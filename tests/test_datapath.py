@@ -1,4 +1,4 @@
-"""The pretraining data backends (core.datapath) against the reference path (PIL + torchvision transforms):
+"""The pretraining data backends (pretrain.datapath) against the reference path (PIL + torchvision transforms):
 the same crop boxes, flips and mask specs for the same seed, the same images (bit for bit for uint8, within a
 stated tolerance for the device path and JPEG draft decoding), independent of the number of workers."""
 
@@ -9,10 +9,10 @@ import torch
 from omegaconf import OmegaConf
 from torchvision import transforms
 
-from core import datapath as dp
 from core.config import ConfigError
 from core.data import CorruptImageError, ImageFolder, Skipped, sample_seed, seeded
 from core.dist import DistEnv
+from pretrain import datapath as dp
 from tools.datasets import make_jpegs
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Bad input a hostile user gives (issue 13): the entry points print one line `error: ...` and exit 2 for the
+"""Bad input a hostile user gives: the entry points print one line `error: ...` and exit 2 for the
 suite's own errors; paths that are files instead of folders and back; checkpoints that cannot be written (a
 read-only folder, a full disk) or are not checkpoints (0 bytes, text); nothing of a failed run left behind."""
 

@@ -72,7 +72,7 @@ def test_the_optimizer_of_each_task_follows_its_script():
             assert no_decay == set() and cfg.optim.layer_decay == 1.0
 
 
-PUBLISHED = {  # RECIPES.md section 3: epochs, blr, layer decay, drop path, grad clip, warmup epochs, img size
+PUBLISHED = {  # docs/RECIPES.md section 3: epochs, blr, layer decay, drop path, grad clip, warmup epochs, img size
     "base": (100, 3e-4, 0.65, 0.1, None, 5, None),
     "large": (50, 3e-4, 0.75, 0.25, 1.0, 5, None),
     "huge": (50, 3e-4, 0.75, 0.3, None, 5, None),

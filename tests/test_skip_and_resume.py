@@ -1,4 +1,4 @@
-"""Nothing accepted silently (issue 13), for every task: image extensions in any case; one rule for corrupt images
+"""Nothing accepted silently, for every task: image extensions in any case; one rule for corrupt images
 (data.skip_corrupt: training replaces, evaluation leaves out, each file counted once per run and named in the log
 and in results.json, metrics over a stated number of images); resume refuses training data of another size and
 continues the run's bookkeeping (metrics.jsonl once per step, every checkpoint listed, the same "resuming at")."""

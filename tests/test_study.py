@@ -183,7 +183,7 @@ def micro(tmp_path_factory):
     return root, common, [o for o in PRETRAIN_MICRO if not o.startswith(("stages.", "probe.every"))]
 
 
-def test_micro_study_writes_study_json_in_the_issue_shape(micro):
+def test_micro_study_writes_study_json_in_the_documented_shape(micro):
     root, common, pre = micro
     out = root / "out"
     argv = ["targets", *common, "--out", str(out), "--targets", "teacher", "pixels", "--jobs", "2", "--", *pre]

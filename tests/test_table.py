@@ -15,6 +15,7 @@ from conftest import REPO
 from core import checkpoint as ckpt
 from core import weights
 from core.monitor import file_sha256
+from pretrain import setting
 from tools import table
 
 DBOT_CFG = {
@@ -37,15 +38,18 @@ def cfg(**over) -> dict:
     return c
 
 
-def pretrain_run(runs, name, config, stages=2, **fields):
+def pretrain_run(runs, name, config, stages=2, older=False, **fields):
     """A pretraining run folder: config.yaml, stage checkpoints (small suite files: meta and config, no
-    weights), results.json."""
+    weights) with the records pretraining writes (`older`: without them, as older versions of the suite
+    wrote them), results.json."""
     folder = runs / name
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     ckpts = {}
     for s in range(stages):
         meta = {"format": "dbot-suite/pretrain/v1", "stage": s}
+        if not older:
+            meta.update(setting.records(config, s, meta, teacher_file=False, has_teacher=False))
         ckpt.save({"model": {}, "meta": meta, "config": config}, folder / f"checkpoint-stage{s}-student.pth")
         ckpts[f"stage{s}_student"] = f"runs/{name}/checkpoint-stage{s}-student.pth"
     res = {
@@ -148,7 +152,7 @@ def md_line(t: table.Table, student: str, teacher: str) -> list[str]:
     ],
 )
 def test_teacher_labels(over, stage, expected):
-    assert table.teacher_label(weights.setting_from_config(cfg(**over), stage)) == expected
+    assert table.teacher_label(setting.setting_from_config(cfg(**over), stage)) == expected
 
 
 def test_student_names():
@@ -249,6 +253,31 @@ def test_provenance_of_each_cell(runs):
     assert p["commit"] == "d" * 40 and p["pretrain_commit"] == "p" * 40
     assert p["pretrain_run"] == str(ck.parent) and "stage-1 student" in p["row_from"]
     assert table.to_json(t)["rows"][0]["in1k"]["paper_source"] == "dbot_readme"
+
+
+def test_older_pretraining_files_are_placed_from_their_saved_config(tmp_path):
+    """Checkpoints of older versions record no setting: core calls them unknown (never a guessed row), the
+    downstream run records that, and the table reads the row from the run's saved config as before; without
+    a saved config the row is "?" with a note."""
+    runs = tmp_path / "runs"
+    pretrain_run(runs, "pretrain-base", cfg(), older=True)
+    ck = "runs/pretrain-base/checkpoint-stage1-student.pth"
+    assert weights.is_unknown(weights.pretraining_setting(tmp_path / ck))
+    downstream(runs, "finetune-base", "finetune", ck, model="base", metrics={"top1": 84.31})
+    assert weights.is_unknown(json.loads((runs / "finetune-base" / "results.json").read_text())["pretraining"])
+    t = table.make_table(runs)
+    assert md_line(t, "ViT-B/16", "ViT-B (bootstrapped)")[3:6] == ["84.31", "84.5", "-0.19"]
+    prov = next(p for p in table.provenance_rows(t) if p["student"] == "ViT-B/16")
+    assert "read from checkpoint-stage1-student.pth" in prov["row_from"]
+    # no saved config anywhere: unknown stays unknown
+    bare = runs / "pretrain-bare"
+    bare.mkdir()
+    ckpt.save({"model": {}, "meta": {"format": "dbot-suite/pretrain/v1", "stage": 0}}, bare / "student.pth")
+    downstream(runs, "finetune-bare", "finetune", "runs/pretrain-bare/student.pth", model="base", metrics={"top1": 1.0})
+    t = table.make_table(runs)
+    assert md_line(t, "ViT-B/16", "?")[3] == "1.00"
+    prov = next(p for p in table.provenance_rows(t) if p["run"] == str(runs / "finetune-bare"))
+    assert "records no pretraining setting (written by an older version)" in prov["row_from"]
 
 
 def test_recorded_sha_is_kept_and_contradicting_file_not_used(runs, tmp_path):
@@ -367,52 +396,38 @@ def test_cli_writes_every_format(runs, capsys):
     assert table.main(["--runs", str(runs / "nope")]) == 2
 
 
-def reference_facts() -> Path:
-    """The team's reference facts (shared/reference/RECIPES.md), which sit beside the repository."""
-    for root in (REPO.parent, REPO):
-        path = root / "shared" / "reference" / "RECIPES.md"
-        if path.is_file():
-            return path
-    pytest.skip("shared/reference/RECIPES.md is not beside the repository")
-
-
 def test_published_numbers_are_the_sources_numbers():
-    """Every published value against RECIPES.md section 1 (the authors' README table and the baselines), read
-    from that file rather than restated here."""
-    text = reference_facts().read_text()
+    """Every published value in tools/published.yaml against docs/RECIPES.md section 1 (the authors' README
+    table, the MAE baselines, the other quoted figures), read from that page rather than restated here."""
+    text = (REPO / "docs" / "RECIPES.md").read_text()
     section = text.split("## 1.")[1].split("\n## ")[0]
-    readme = []
+    num = lambda c: None if c == "-" else float(c)  # noqa: E731
+    readme, baselines = [], {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 6 and cells[0].startswith("ViT-"):
-            num = lambda c: None if c == "-" else float(c)  # noqa: E731
             readme.append((cells[0], cells[1], cells[2].startswith("yes"), *map(num, cells[3:])))
+        elif len(cells) == 6 and cells[0] == "MAE":
+            baselines[cells[1]] = dict(zip(("in1k", "box_ap", "mask_ap", "miou"), map(num, cells[2:]), strict=True))
     rows, sources, notes, other = table.load_published()
     keys = [r.setting.key for r in rows]
     assert len(keys) == len(set(keys)) and {r.method for r in rows} == {"dBOT", "MAE"}
     dbot = [r for r in rows if r.method == "dBOT"]
     assert len(dbot) == len(readme) == 11
-    for r, (student, teacher, asym, in1k, det, seg) in zip(dbot, readme):
+    for r, (student, teacher, asym, in1k, det, seg) in zip(dbot, readme, strict=True):
         s = r.setting
         assert (s.student, s.asym) == (student, asym) and s.teacher.startswith(teacher), (s, teacher)
         assert r.values == {k: v for k, v in (("in1k", in1k), ("box_ap", det), ("miou", seg)) if v is not None}, s
         assert set(r.sources.values()) == {"dbot_readme"}
-    baselines = section.split("Baselines:")[1]
-    mae_in1k = [float(v) for v in re.search(r"IN-1K ([\d.]+) / ([\d.]+) / ([\d.]+)", baselines).groups()]
-    mae_ade = [float(v) for v in re.search(r"ADE20K ([\d.]+) \(B\), ([\d.]+) \(L\)", baselines).groups()]
-    vitdet = re.search(r"B ([\d.]+) box / ([\d.]+) mask, L ([\d.]+) / ([\d.]+), H ([\d.]+) / ([\d.]+)", baselines)
-    vitdet = [float(v) for v in vitdet.groups()]
     mae = {r.setting.student: r for r in rows if r.method == "MAE"}
+    assert set(mae) == set(baselines) == {"ViT-B/16", "ViT-L/16", "ViT-H/14"}
     assert all(mae[s].setting.teacher == "pixels" for s in mae)
-    for i, size in enumerate(("ViT-B/16", "ViT-L/16", "ViT-H/14")):
-        expect = {"in1k": mae_in1k[i], "box_ap": vitdet[2 * i], "mask_ap": vitdet[2 * i + 1]}
-        if i < 2:
-            expect["miou"] = mae_ade[i]
-        assert mae[size].values == expect, size
+    for size, expect in baselines.items():
+        assert mae[size].values == {k: v for k, v in expect.items() if v is not None}, size
         assert mae[size].sources["box_ap"] == mae[size].sources["mask_ap"] == "vitdet_readme"
     assert set(sources) >= {"dbot_readme", "mae_paper", "vitdet_readme"} and "box_ap" in notes
     figures = {o["metric"]: o["value"] for o in other}
-    cars, inat = re.search(r"Stanford Cars ([\d.]+), iNaturalist-2018 ([\d.]+)", section).groups()
+    cars, inat = re.search(r"Stanford Cars ([\d.]+) and on\s+iNaturalist-2018 ([\d.]+)", section).groups()
     assert figures == {"transfer:cars": float(cars), "transfer:inat2018": float(inat)}
 
 

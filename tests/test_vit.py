@@ -281,7 +281,7 @@ def test_every_backbone_shares_the_interface():
 
 
 def test_counted_vit_b_forward_flops_match_the_published_figure():
-    # RECIPES.md 8: ViT-B/16 at 224 is 17.6 GMACs (fvcore, which also counts norms and activations);
+    # docs/RECIPES.md 8: ViT-B/16 at 224 is 17.6 GMACs (fvcore, which also counts norms and activations);
     # FlopCounterMode counts matrix products and attention only, so it lands a few percent below.
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -4,7 +4,7 @@
         --data /path/to/imagenet/val --out runs/analysis [--max-images 5000]
 
 For every checkpoint `core.weights.read_backbone` reads (NAME=PATH to name it) and the images of any folder
-(searched recursively), as RECIPES.md section 6 and the authors' `analysis/analysis.py` define them:
+(searched recursively), as docs/RECIPES.md section 6 and the authors' `analysis/analysis.py` define them:
 
 - averaged attention distance, per block and head: the post-softmax attention over the images, cls row and
   column dropped (the patch-to-patch part, not renormalised), weighted by the distance between grid

@@ -39,10 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core import datapath, errors, speed
+from core import errors, speed
 from core.bench import StepBench
 from core.config import ConfigError
 from core.dist import DistEnv
+from pretrain import datapath
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "pretrain" / "configs"

@@ -12,7 +12,7 @@ ADE20K-layout generators, which place several shapes per image and keep their po
 
     python -m tools.datasets study --preset cpu [--out data/study-cpu --seed 0 --pool 20000 --workers 4]
 
-`study`: the data of `tools/study.py` ("Does it learn?", docs/STUDY.md). Sixteen classes defined by shape and
+`study`: the data of `tools/study/` ("Does it learn?", docs/STUDY.md). Sixteen classes defined by shape and
 structure only (`STUDY_CLASSES`: solid polygons, shapes with holes or cut-outs, letters, two-part shapes),
 with every colour, the background (noisy gradient or faint texture), the fill (solid or textured), position,
 scale, rotation, stretch, small distractor blobs and occluding lines drawn at random, so colour and other

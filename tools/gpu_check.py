@@ -1,4 +1,5 @@
-"""The prepared GPU check: every throughput figure issue 15 asks for, in one run of about 8 minutes.
+"""The prepared GPU check: the pretraining throughput figures a GPU gives (the authors' step beside ours, MFU of
+ViT-B/L/H, each data backend, end to end, a real run), in one run of about 8 minutes.
 
     tools/gpu_check.sh --out runs/gpu-check [--authors .authors/dbot/models_mae.py]   # on the GPU host
     python -m tools.gpu_check --dry-run --out /tmp/gpu-check                           # anywhere, a minute
@@ -213,9 +214,9 @@ def environment() -> dict:
     try:
         from pretrain import train
 
-        env["pretrain_loop_uses_core_datapath"] = hasattr(train, "datapath") or "pretrain_data" in vars(train)
+        env["pretrain_loop_uses_pretrain_datapath"] = hasattr(train, "datapath") or "pretrain_data" in vars(train)
     except Exception as e:  # noqa: BLE001 - reported, not fatal
-        env["pretrain_loop_uses_core_datapath"] = f"import failed: {e}"
+        env["pretrain_loop_uses_pretrain_datapath"] = f"import failed: {e}"
     return env
 
 
@@ -229,9 +230,9 @@ def not_done(report: dict) -> list[str]:
         out.append("no --authors models_mae.py (and none at .authors/dbot/): the authors' step was not timed")
     if report["dry_run"]:
         out.append("--dry-run: toy sizes (tiny recipe, a few images); no figure here is a benchmark")
-    if env.get("pretrain_loop_uses_core_datapath") is not True:
+    if env.get("pretrain_loop_uses_pretrain_datapath") is not True:
         out.append(
-            "pretrain/train.py does not build its loader with core.datapath yet: pretrain_run ignored "
+            "pretrain/train.py does not build its loader with pretrain.datapath yet: pretrain_run ignored "
             "data.backend=gpu and read the images through the reference PIL path"
         )
     for s in report["steps"]:

@@ -10,7 +10,8 @@ checkpoint sha256, config and commit of every cell), `table.json` and `table.png
 One module per job:
 - `records`: the results.json contract (`metrics.top1`, `metrics.bbox_AP`, ...), collecting the files;
 - `published`: the published numbers and their sources;
-- `labels`: row names from a run's `pretraining` setting (`core.weights.pretraining_setting`), `--labels`;
+- `labels`: row names from a run's `pretraining` setting (`core.weights.pretraining_setting`: what the
+  checkpoint records, written by `pretrain.setting`), `--labels`;
 - `rows`: each run's row and cells with provenance, the Table;
 - `render`: Markdown, LaTeX, CSV, provenance, JSON; `plot`: the figure; `cli`: the command line.
 

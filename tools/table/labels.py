@@ -1,5 +1,5 @@
 """Row labels: who was distilled from what, from the pretraining setting a run records
-(`core.weights.setting_from_config`), or from a labels file for checkpoints made elsewhere."""
+(`pretrain.setting.setting_from_config`), or from a labels file for checkpoints made elsewhere."""
 
 from __future__ import annotations
 

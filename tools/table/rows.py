@@ -1,7 +1,8 @@
 """From runs to rows: each downstream run's row (student / teacher setting) and its cells, with provenance.
 
-A run's row is the `pretraining` setting its results.json records. Runs without one (older results) have it
-read from their checkpoint when this suite made it (`core.weights.pretraining_setting`); checkpoints made
+A run's row is the `pretraining` setting its results.json records. Runs without one (older results, or one
+recorded as unknown) have it read from their checkpoint when this suite made it (`pretrain.setting.read_setting`:
+the checkpoint's records, or for a file written before them its saved config); checkpoints made
 elsewhere (the authors' or MAE's released files) take their row from `--labels` or a `label` in results.json.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from core.monitor import file_sha256
+from core.weights import is_unknown
 from tools.table.labels import Setting, label_from_results, load_labels, setting_row, setting_text, vit_name
 from tools.table.labels import presets as _presets
 from tools.table.published import PUBLISHED, Published, load_published
@@ -176,7 +178,7 @@ class Resolver:
             return Origin(Setting(vit_name(model), "none (random init)", None), "no checkpoint: trained from scratch")
         found = self.locate(str(written), run, sha if isinstance(sha, str) else None)
         recorded = run.data.get("pretraining")
-        if isinstance(recorded, dict):
+        if isinstance(recorded, dict) and not is_unknown(recorded):
             return self.from_setting(recorded, "results.json", found)
         if sha is None and found is not None:
             sha = self.sha(found)
@@ -189,6 +191,12 @@ class Resolver:
                 f"checkpoint {written} not found and not in --labels: add it (path or sha256 {sha}) to a labels file",
             )
         setting = self.read_setting(found)
+        if is_unknown(setting):
+            return Origin(
+                Setting(vit_name(model), "?", None),
+                f"checkpoint {found}: {setting['unknown']}, and no saved config to read it from: add it "
+                f"(path or sha256 {sha}) to a --labels file",
+            )
         if setting is not None:
             return self.from_setting(setting, f"read from {found.name}", found)
         return Origin(
@@ -199,10 +207,10 @@ class Resolver:
 
     def read_setting(self, path: Path) -> dict | None:
         from core import checkpoint as ckpt
-        from core.weights import pretraining_setting
+        from pretrain.setting import read_setting
 
         try:
-            return pretraining_setting(path)
+            return read_setting(path)
         except ckpt.CheckpointError as e:
             self.warnings.append(f"{path}: {e}")
             return None
