@@ -142,7 +142,7 @@ class Flowers102(tvd.Flowers102):
 READERS = {"cifar10": CIFAR10, "cifar100": CIFAR100, "flowers102": Flowers102, "cars": tvd.StanfordCars}
 
 
-# the files each release must hold, relative to data.root (split -> paths), for the error message
+# the files each release must hold, relative to data.root, named when missing
 RELEASE_FILES = {
     "cifar10": [f"cifar-10-batches-py/{n}" for n in ("batches.meta", *[f"data_batch_{i}" for i in range(1, 6)])]
     + ["cifar-10-batches-py/test_batch"],
