@@ -63,10 +63,31 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return str(name).lower().endswith(IMG_EXTENSIONS)
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully (so truncated files fail here) as RGB; CorruptImageError names the file."""
+# EXIF orientation tag (0x0112) -> the transpose that shows the image upright
+EXIF_ORIENTATION = 0x0112
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def open_rgb(path: str | os.PathLike, *, exif_orientation: bool = False) -> Image.Image:
+    """Decode an image fully (so truncated files fail here) as RGB; CorruptImageError names the file.
+
+    `exif_orientation`: turn the pixels upright by the file's EXIF orientation tag first, as detectron2's
+    `read_image` does for COCO. Off by default: the classification references (MAE, timm, torchvision's
+    ImageFolder loader) read ImageNet pixels as stored."""
     try:
         with Image.open(path) as im:
+            if exif_orientation:
+                method = EXIF_TRANSPOSE.get(im.getexif().get(EXIF_ORIENTATION))
+                if method is not None:
+                    return im.transpose(method).convert("RGB")
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})", path) from None

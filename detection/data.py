@@ -185,7 +185,8 @@ class CocoInstances(Dataset):
         return len(self.categories)
 
     def _open(self, i: int) -> tuple[int, Image.Image]:
-        return i, open_rgb(self.img_dir / self.images[i]["file_name"])
+        # EXIF orientation applied, as detectron2's read_image: COCO's sizes and annotations are of the upright image
+        return i, open_rgb(self.img_dir / self.images[i]["file_name"], exif_orientation=True)
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)

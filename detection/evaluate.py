@@ -39,14 +39,22 @@ def to_coco_results(det: dict, image_id: int, label_to_cat: dict) -> list[dict]:
     return out
 
 
+AREA_RANGES = {"APs": (0, 32**2), "APm": (32**2, 96**2), "APl": (96**2, 1e5**2)}  # COCOeval's, in px^2, ends included
+
+
 def coco_eval(gt: COCO, results: list[dict], iou_type: str, backend: str = "pycocotools", image_ids=None) -> dict:
     """AP, AP50, AP75, APs, APm, APl (x100, as COCO reports them; None for an area range without ground truth) of
-    `results` against `gt` for iou_type "bbox" or "segm", over `image_ids` (default: every image of `gt`). No
-    results gives zeros."""
+    `results` against `gt` for iou_type "bbox" or "segm", over `image_ids` (default: every image of `gt`).
+
+    segm records are evaluated without their `bbox`, as detectron2's COCOEvaluator does, so pycocotools takes a
+    detection's area for the small / medium / large ranges from its mask, not its box. No results at all gives
+    0.0 for every statistic whose range has ground truth (detectron2 reports NaN: see docs/DETECTION.md)."""
     if backend not in BACKENDS:
         raise ValueError(f"eval.backend must be one of {BACKENDS}, got {backend!r}")
     if not results:
-        return dict.fromkeys(STATS, 0.0)
+        return no_detections(gt, image_ids)
+    if iou_type == "segm":
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):
         if backend == "faster":
             from faster_coco_eval import COCO as FasterCOCO
@@ -65,6 +73,17 @@ def coco_eval(gt: COCO, results: list[dict], iou_type: str, backend: str = "pyco
         evaluator.summarize()
     # COCO marks an area range without ground truth with -1: reported as None
     return {k: float(100 * v) if v >= 0 else None for k, v in zip(STATS, evaluator.stats[:6])}
+
+
+def no_detections(gt: COCO, image_ids=None) -> dict:
+    """The statistics of an empty result list: 0.0 (nothing recalled) where COCOeval would count ground truth
+    (non-crowd annotations of the evaluated images, by their `area` in the size ranges), None elsewhere."""
+    ids = set(gt.getImgIds() if image_ids is None else image_ids)
+    areas = [a.get("area", 0.0) for a in gt.dataset["annotations"] if a["image_id"] in ids and not a.get("iscrowd", 0)]
+    out = dict.fromkeys(("AP", "AP50", "AP75"), 0.0 if areas else None)
+    for k, (lo, hi) in AREA_RANGES.items():
+        out[k] = 0.0 if any(lo <= a <= hi for a in areas) else None
+    return out
 
 
 @torch.no_grad()

@@ -1,17 +1,22 @@
 """The parts of torchvision's Mask R-CNN that ViTDet (detectron2) sets differently (docs/RECIPES.md 4):
 
-- `Anchors`: detectron2's `DefaultAnchorGenerator` (offset 0) does not round the cell anchors; torchvision does;
+- `Anchors`: detectron2's `DefaultAnchorGenerator` (offset 0) does not round the cell anchors and uses the
+  configured strides; torchvision rounds them and infers the strides as padded size // grid;
 - `LevelRoIAlign`: RoIAlign with aligned=True, adaptive sampling (ratio 0) and fixed level scales (torchvision's
   `MultiScaleRoIAlign` has aligned=False, ratio 2, and infers the scales from unpadded image sizes), with the
   canonical FPN level rule k = floor(k0 + log2(sqrt(area) / s0 + 1e-8)) clamped to the pooled levels;
 - `L1RPN`: L1 box loss (torchvision: smooth-L1 with beta 1/9), both terms summed and divided by
-  256 x images as detectron2 does;
+  256 x images as detectron2 does; proposals ranked by logits in NMS (torchvision: sigmoids, which tie at 1.0)
+  and every box of positive size kept (torchvision: >= 1e-3 px);
+- `L1RoIHeads.postprocess_detections`: boxes of any size go through NMS and the top-k cut (torchvision drops
+  boxes under 0.01 px first; detectron2 removes empty boxes only after scaling to the original image);
 - `L1RoIHeads`: L1 box loss divided by the sampled RoIs, mask targets cropped with aligned RoIAlign and
   thresholded at 0.5 (torchvision: aligned=False, soft targets);
 - predictor initialisation: N(0, 0.01) class scores, N(0, 0.001) box deltas and mask logits, zero biases;
 - RPN and box-predictor outputs in float32, so box arithmetic never runs in bf16 under autocast.
 
-Everything else (anchor matching, sampling, box coding, NMS, post-processing, mask pasting) is torchvision's.
+Everything else (anchor matching, sampling, box coding, NMS) is torchvision's; mask pasting is
+`detection.model.paste_masks` (detectron2's pixel-centre paste).
 """
 
 from __future__ import annotations
@@ -25,12 +30,20 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import roi_align
+from torchvision.ops import batched_nms, roi_align
 
 
 class Anchors(AnchorGenerator):
-    """torchvision's generator with detectron2's cell anchors: size s, ratio r (h / w) -> w = s / sqrt(r),
-    h = s * sqrt(r), centred on the cell's top-left corner (offset 0), not rounded."""
+    """torchvision's generator with detectron2's `DefaultAnchorGenerator`: cell anchors of size s, ratio r (h / w)
+    -> w = s / sqrt(r), h = s * sqrt(r), centred on the cell's top-left corner (offset 0), not rounded; and the
+    configured stride of each level (torchvision infers padded size // grid, which is wrong wherever the size is
+    not a multiple of the level's stride: 96 px at stride 64 gives a 2x2 grid and stride 48)."""
+
+    def __init__(self, sizes, aspect_ratios, strides):
+        super().__init__(sizes, aspect_ratios)
+        if len(strides) != len(sizes):
+            raise ValueError(f"one anchor stride per level: {len(sizes)} sizes, {len(strides)} strides")
+        self.strides = tuple(int(s) for s in strides)
 
     def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=None):
         scales = torch.as_tensor(scales, dtype=torch.float64)
@@ -39,6 +52,14 @@ class Anchors(AnchorGenerator):
         hs = (scales[None, :] * ratios.sqrt()[:, None]).reshape(-1)
         anchors = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
         return anchors.to(dtype=dtype) if device is None else anchors.to(dtype=dtype, device=device)
+
+    def forward(self, image_list, feature_maps):
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides]
+        self.set_cell_anchors(dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [anchors] * len(image_list.image_sizes)
 
 
 def assign_levels(
@@ -107,7 +128,10 @@ class BoxPredictorFP32(FastRCNNPredictor):
 
 class L1RPN(RegionProposalNetwork):
     """RPN losses as detectron2 computes them: BCE over the sampled anchors and L1 over the sampled positives,
-    each summed and divided by batch_size_per_image x images."""
+    each summed and divided by batch_size_per_image x images. Proposals as detectron2's `find_top_rpn_proposals`:
+    top-k logits per level, non-finite boxes or scores dropped, clipped, boxes of positive width and height
+    kept, NMS per level ranked by the logits (torchvision ranks float32 sigmoids, which tie at 1.0 for logits
+    above about 16.6), then the post-NMS top-k."""
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         pos_masks, neg_masks = self.fg_bg_sampler(labels)
@@ -118,6 +142,32 @@ class L1RPN(RegionProposalNetwork):
         cls = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled], reduction="sum")
         box = F.l1_loss(pred_bbox_deltas[pos], targets[pos], reduction="sum")
         return cls / normalizer, box / normalizer
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        num_images = proposals.shape[0]
+        logits = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat(
+            [torch.full((n,), k, dtype=torch.int64, device=logits.device) for k, n in enumerate(num_anchors_per_level)]
+        )
+        top = self._get_top_n_idx(logits, num_anchors_per_level)  # top-k logits of each level
+        rows = torch.arange(num_images, device=logits.device)[:, None]
+        logits, boxes_all, levels = logits[rows, top], proposals[rows, top], levels[top]
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, (h, w) in zip(boxes_all, logits, levels, image_shapes):
+            # dropped (detectron2 raises in training; here a diverged run stops at its non-finite loss, named by
+            # the trainer with the step)
+            valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+            boxes, scores, lvl = boxes[valid], scores[valid], lvl[valid]
+            boxes = torch.stack(
+                [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)],
+                dim=1,
+            )
+            keep = (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
 
 class L1RoIHeads(RoIHeads):
@@ -148,6 +198,38 @@ class L1RoIHeads(RoIHeads):
         return [
             {"boxes": b, "labels": lab, "scores": s, "masks": m} for b, lab, s, m in zip(boxes, labels, scores, masks)
         ], {}
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        """detectron2's `fast_rcnn_inference_single_image`: non-finite rows dropped, boxes clipped, class scores
+        above score_thresh, NMS per class, top detections_per_img. Boxes left empty by the clipping stay here
+        (torchvision drops boxes under 0.01 px before NMS); `detection.model.to_original` removes empty boxes
+        afterwards, as detectron2's `detector_postprocess` does."""
+        num_classes = class_logits.shape[-1]
+        counts = [len(p) for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts)
+        pred_scores = F.softmax(class_logits, -1).split(counts)
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, (h, w) in zip(pred_boxes, pred_scores, image_shapes):
+            valid = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
+            boxes, scores = boxes[valid], scores[valid]
+            boxes = torch.stack(
+                [
+                    boxes[..., 0].clamp(0, w),
+                    boxes[..., 1].clamp(0, h),
+                    boxes[..., 2].clamp(0, w),
+                    boxes[..., 3].clamp(0, h),
+                ],
+                dim=-1,
+            )
+            labels = torch.arange(num_classes, device=scores.device).expand_as(scores)
+            boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
 
 
 def fastrcnn_l1_loss(class_logits, box_regression, labels, regression_targets):

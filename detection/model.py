@@ -12,12 +12,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d, resample_patch_embed
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from core import checkpoint as ckpt
 from core.vit import preset, resize_pos_embed
@@ -96,7 +96,11 @@ def build_detector(cfg, num_classes: int) -> ViTDetMaskRCNN:
     if len(d.anchor_sizes) != len(backbone.strides):
         raise ValueError(f"det.anchor_sizes needs one size per pyramid level ({len(backbone.strides)})")
     rpn = L1RPN(
-        Anchors(sizes=tuple((s,) for s in d.anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * len(d.anchor_sizes)),
+        Anchors(
+            sizes=tuple((s,) for s in d.anchor_sizes),
+            aspect_ratios=((0.5, 1.0, 2.0),) * len(d.anchor_sizes),
+            strides=backbone.strides,
+        ),
         RPNHeadFP32(c, 3, conv_depth=2),
         fg_iou_thresh=0.7,
         bg_iou_thresh=0.3,
@@ -183,18 +187,45 @@ def load_pretrained(model: ViTDetMaskRCNN, path: str) -> PretrainedLoad:
 
 
 # ------------------------------------------------------------------------------------------- outputs
+def paste_masks(
+    masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float = 0.5
+) -> torch.Tensor:
+    """Box-relative mask probabilities `[K, M, M]` -> `[K, h, w]` bool masks in the image (detectron2's
+    `paste_masks_in_image`): each image pixel centre (x + 0.5, y + 0.5) inside or near its box samples the mask
+    bilinearly (cell centres at box fractions (i + 0.5) / M, zero outside the mask), then `>= threshold`.
+    Boxes are float (not rounded, no padded mask): a box covering 0.3 of a pixel still places its mask
+    exactly. Pixels farther than one pixel from the box's bounds stay False (bilinear sampling there
+    weighs the zero border at least half, so a probability of at most 1 cannot reach 0.5)."""
+    h, w = size
+    out = torch.zeros(len(masks), h, w, dtype=torch.bool, device=masks.device)
+    for k, (m, (x0, y0, x1, y1)) in enumerate(zip(masks.float(), boxes.float().tolist())):
+        c0, r0 = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
+        c1, r1 = min(math.ceil(x1) + 1, w), min(math.ceil(y1) + 1, h)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        xs = torch.arange(c0, c1, device=m.device, dtype=torch.float32) + 0.5
+        ys = torch.arange(r0, r1, device=m.device, dtype=torch.float32) + 0.5
+        # grid_sample's normalised coordinates: -1 and 1 are the box edges (align_corners=False)
+        gx = (xs - x0) / (x1 - x0) * 2 - 1
+        gy = (ys - y0) / (y1 - y0) * 2 - 1
+        grid = torch.stack([gx[None, :].expand(len(ys), -1), gy[:, None].expand(-1, len(xs))], dim=-1)
+        sampled = F.grid_sample(m[None, None], grid[None], mode="bilinear", align_corners=False)[0, 0]
+        out[k, r0:r1, c0:c1] = sampled >= threshold
+    return out
+
+
 def to_original(detections: list[dict], metas: list[dict], mask_threshold: float = 0.5) -> list[dict]:
-    """Detections in each image's original frame (detectron2's `detector_postprocess`): boxes scaled by
-    original / resized size per axis and clipped, masks pasted at the original size and thresholded."""
+    """Detections in each image's original frame, as detectron2's `detector_postprocess`: boxes scaled by
+    original / resized size per axis and clipped to the original image, detections whose clipped box is
+    empty (width or height 0) removed, masks pasted at the original size (`paste_masks`) and thresholded."""
     out = []
     for det, meta in zip(detections, metas):
         (h, w), (rh, rw) = meta["orig_size"], meta["size"]
         boxes = det["boxes"] * det["boxes"].new_tensor([w / rw, h / rh, w / rw, h / rh])
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        if len(boxes):
-            masks = paste_masks_in_image(det["masks"], boxes, (h, w))[:, 0] >= mask_threshold
-        else:
-            masks = torch.zeros(0, h, w, dtype=torch.bool, device=boxes.device)
-        out.append({"boxes": boxes, "scores": det["scores"], "labels": det["labels"], "masks": masks})
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes[keep]
+        masks = paste_masks(det["masks"][keep][:, 0], boxes, (h, w), mask_threshold)
+        out.append({"boxes": boxes, "scores": det["scores"][keep], "labels": det["labels"][keep], "masks": masks})
     return out

@@ -9,6 +9,7 @@ linear warmup, COCO box / mask AP at the end (and every `eval.every`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -133,7 +134,9 @@ class Detection(trainer.Task):
 
     def evaluate(self, step: int) -> dict:
         t0 = time.time()
-        m = evaluate(self.model, self.val_loader, self.val_set, self.device, self.autocast(), self.cfg.eval.backend)
+        # float32, whatever amp says: detectron2 evaluates outside autocast (AMPTrainer wraps training steps only)
+        fp32 = contextlib.nullcontext()
+        m = evaluate(self.model, self.val_loader, self.val_set, self.device, fp32, self.cfg.eval.backend)
         flat = {f"{t}_{k}": m[t][k] for t in ("bbox", "segm") for k in STATS}
         flat = {k: v for k, v in flat.items() if v is not None}
         skipped = len(self.val_set) - m["images"]  # corrupt ones (data.skip_corrupt)

@@ -150,9 +150,17 @@ def resize_image(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
+def nearest_index(src: int, dst: int) -> torch.Tensor:
+    """Source index of each of `dst` outputs, as cv2.INTER_NEAREST computes it: floor(i * (1 / (dst / src))) in
+    float64, capped at src - 1. torch's nearest computes the scale in float32 and picks another source row or
+    column wherever i * scale lands within rounding of an integer."""
+    return torch.from_numpy(np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.int64), src - 1))
+
+
 def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """`[H, W]` -> `[h, w]`, nearest (source index floor(dst * scale), as cv2.INTER_NEAREST)."""
-    return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
+    """`[H, W]` -> `[h, w]`, nearest exactly as cv2.INTER_NEAREST (mmcv's label resize)."""
+    h, w = label.shape
+    return label[nearest_index(h, size[0])][:, nearest_index(w, size[1])]
 
 
 def random_crop_box(shape: tuple[int, int], crop: int) -> tuple[int, int, int, int]:
@@ -275,7 +283,7 @@ class ADE20K(Dataset):
 
     def decode(self, index: int):
         img_path, ann_path = self.pairs[index]
-        img = open_rgb(img_path)
+        img = open_rgb(img_path, exif_orientation=True)  # as mmseg's cv2 decode (IMREAD_COLOR); labels as stored
         label = read_label(ann_path, self.num_classes)
         if label.shape != (img.height, img.width):
             raise DataError(f"{ann_path}: label map is {label.shape[1]}x{label.shape[0]} but {img_path} is {img.size}")

@@ -159,7 +159,7 @@ def test_pooler_reads_each_level_at_its_stride_with_aligned_roi_align():
 
 
 def test_anchors_are_detectron2s_unrounded_cell_anchors():
-    cell = Anchors(sizes=((32,),), aspect_ratios=((0.5, 1.0, 2.0),)).cell_anchors[0]
+    cell = Anchors(sizes=((32,),), aspect_ratios=((0.5, 1.0, 2.0),), strides=(16,)).cell_anchors[0]
     w, h = 32 / math.sqrt(0.5), 32 * math.sqrt(0.5)  # ratio = h / w, area 32^2
     assert torch.allclose(cell[0], torch.tensor([-w / 2, -h / 2, w / 2, h / 2]))
     assert torch.allclose(cell[1], torch.tensor([-16.0, -16.0, 16.0, 16.0]))
