@@ -72,8 +72,13 @@ class Stepper:
         self.amp = amp
         self.clip_grad = clip_grad
         self.device = device or next(model.parameters()).device
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.scaler = self._new_scaler()
         self.step_count = 0
+
+    def _new_scaler(self) -> torch.amp.GradScaler:
+        """The fp16 loss scaler, built for this Stepper's device type (`torch.amp.GradScaler("cpu")` runs the
+        same unscale / inf check / skip / back-off code as CUDA's, which is how the tests exercise it)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
     def lr(self, step: int | None = None) -> float | None:
         """The scheduled lr of optimizer step `step` (default: the coming one)."""
@@ -122,7 +127,7 @@ class Stepper:
         self.model = model
         if optimizer is not None and optimizer is not self.optimizer:
             self.optimizer = optimizer
-            self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+            self.scaler = self._new_scaler()
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
