@@ -246,3 +246,102 @@ def test_rng_state_restores_the_device_generator(device):
     again = torch.rand(5, device=device), nn.functional.dropout(torch.ones(64, device=device), 0.5)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], torch.rand(5, device=device))
+
+
+# ------------------------------------------------------------------------------- the gpu data backend
+GPU_DECODE_LEVELS = 2.0  # nvJPEG's IDCT and chroma upsampling vs libjpeg's: mean |difference| in grey levels
+
+
+@pytest.fixture(scope="module")
+def odd_jpegs(tmp_path_factory):
+    """One photo-like JPEG saved the ways a decoder may refuse: CMYK, progressive, greyscale, and truncated."""
+    from PIL import Image
+
+    from tools.datasets import make_jpegs
+
+    src = sorted((make_jpegs(tmp_path_factory.mktemp("src"), images=2, classes=1) / "train").rglob("*.JPEG"))[0]
+    root = tmp_path_factory.mktemp("odd") / "train"
+    (root / "a").mkdir(parents=True)
+    img = Image.open(src).convert("RGB")
+    img.save(root / "a" / "0_baseline.jpg", "JPEG", quality=90)
+    img.convert("CMYK").save(root / "a" / "1_cmyk.jpg", "JPEG", quality=90)
+    img.save(root / "a" / "2_progressive.jpg", "JPEG", quality=90, progressive=True)
+    img.convert("L").save(root / "a" / "3_grey.jpg", "JPEG", quality=90)
+    good = (root / "a" / "0_baseline.jpg").read_bytes()
+    (root / "a" / "4_truncated.jpg").write_bytes(good[: int(len(good) * 0.9)])
+    return root
+
+
+def pil_pixels(path) -> torch.Tensor:
+    import numpy as np
+
+    from core.data import open_rgb
+
+    return torch.from_numpy(np.array(open_rgb(path), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def check_decoded(decoded, batch, device) -> None:
+    """Each decoded image is PIL's RGB decoding of its file: exactly on CPU (the same libjpeg-turbo), within
+    GPU_DECODE_LEVELS on average with nvJPEG."""
+    for img, enc in zip(decoded, batch):
+        want = pil_pixels(enc.path)
+        assert img is not None and img.device.type == device.type and img.shape[-2:] == want.shape[-2:], enc.path
+        got = img.expand(3, -1, -1).cpu().int() if img.shape[0] == 1 else img.cpu().int()
+        diff = (got - want.int()).abs().float()
+        if device.type == "cpu":
+            assert diff.max() == 0, enc.path
+        else:
+            assert diff.mean() < GPU_DECODE_LEVELS, (enc.path, diff.mean())
+
+
+def test_gpu_backend_decodes_cmyk_progressive_and_grey_jpegs_as_pil_does(odd_jpegs, device):
+    from core import datapath as dp
+
+    aug = dp.Augment(64)
+    enc = dp.EncodedFolder(odd_jpegs, aug)
+    batch = [enc[i] for i in range(4)]
+    check_decoded(dp.DeviceAugment(aug).decode(batch, device), batch, device)
+    images, labels, _ = dp.DeviceAugment(aug)(batch, device)
+    assert images.shape == (4, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_gpu_backend_a_refused_file_falls_back_to_pil_and_a_broken_one_is_named_or_skipped(
+    odd_jpegs, device, monkeypatch
+):
+    """The batched decode fails as a whole on the truncated file: the others are decoded one by one; a file the
+    device decoder refuses (nvJPEG: CMYK) is decoded by PIL; the truncated one, which PIL cannot decode either,
+    is a CorruptImageError naming it, or with data.skip_corrupt dropped from the batch and named in `skipped`.
+    On CPU the refusal of CMYK is nvJPEG's, played by a wrapper of torchvision's CPU decoder (which decodes CMYK);
+    with --device cuda the real decoder runs."""
+    import torchvision.io
+
+    from core import datapath as dp
+    from core.errors import CorruptImageError
+
+    cmyk = (odd_jpegs / "a" / "1_cmyk.jpg").read_bytes()
+    real = torchvision.io.decode_jpeg
+    refused = []
+
+    def like_nvjpeg(data, *args, **kwargs):
+        files = data if isinstance(data, list) else [data]
+        if any(bytes(f.cpu().numpy().tobytes()) == cmyk for f in files):
+            refused.append(len(files))
+            raise RuntimeError("nvjpegDecode: unsupported CMYK")
+        return real(data, *args, **kwargs)
+
+    if device.type == "cpu":
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", like_nvjpeg)
+    aug = dp.Augment(64)
+    enc = dp.EncodedFolder(odd_jpegs, aug)
+    batch = [enc[i] for i in range(5)]
+    with pytest.raises(CorruptImageError, match="4_truncated.jpg"):
+        dp.DeviceAugment(aug)(batch, device)
+    skipping = dp.DeviceAugment(aug, skip_corrupt=True)
+    decoded = skipping.decode(batch, device)
+    assert decoded[4] is None and [p for p, _ in skipping.skipped] == [str(odd_jpegs / "a" / "4_truncated.jpg")]
+    assert "truncated" in skipping.skipped[0][1]
+    check_decoded(decoded[:4], batch[:4], device)
+    if device.type == "cpu":
+        assert 1 in refused  # the one-by-one retry reached the CMYK file and it fell back to PIL
+    images, labels, _ = skipping(batch, device)
+    assert images.shape == (4, 3, 64, 64) and labels.tolist() == [0, 0, 0, 0]
