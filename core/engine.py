@@ -158,7 +158,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per device the saving process saw; a process that sees fewer (CUDA_VISIBLE_DEVICES set per
+        # rank on the resuming cluster) restores the ones it has instead of failing on an index
+        for index, generator_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(generator_state, index)
 
 
 def gather_rng_states() -> list[dict]:

@@ -246,6 +246,9 @@ def test_rng_state_restores_the_device_generator(device):
     again = torch.rand(5, device=device), nn.functional.dropout(torch.ones(64, device=device), 0.5)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], torch.rand(5, device=device))
+    if "cuda" in state:  # saved by a process that saw twice the GPUs: the ones present are restored
+        engine.set_rng_state({**state, "cuda": state["cuda"] * 2})
+        assert torch.equal(torch.rand(5, device=device), first[0])
 
 
 # ------------------------------------------------------------------------------- the gpu data backend
