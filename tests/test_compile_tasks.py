@@ -20,10 +20,11 @@ WEIGHT_ATOL = 2e-4  # a few AdamW steps of lr ~1e-3: rounding differences stay f
 
 
 @pytest.fixture
-def eager_random(monkeypatch):
+def eager_random():
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor, "fallback_random", True)
+    with inductor.patch(fallback_random=True):  # inductor's own switch (monkeypatch's undo breaks its config)
+        yield
 
 
 def step_losses(out) -> dict[int, float]:
