@@ -154,7 +154,7 @@ bench: venv ## throughput of MODEL (tiny, CPU by default) for each task in BENCH
 	$(if $(filter coco,$(BENCH)),$(PY) -m tools.bench coco -c $(MODEL) $(ARGS))
 	$(if $(filter ade20k,$(BENCH)),$(PY) -m tools.bench ade20k -c $(MODEL) $(ARGS))
 
-gpu-check: venv ## the prepared GPU check (~8 min on a GPU; ARGS='--dry-run' anywhere): RUNS/gpu-check/gpu_check.{json,md}
+gpu-check: venv ## the prepared GPU check (~11 min on a GPU: GPU tests, speed targets, study; ARGS='--dry-run' anywhere): RUNS/gpu-check/gpu_check.{json,md}
 	$(PY) -m tools.gpu_check --out $(RUNS)/gpu-check $(ARGS)
 
 clean: ## remove generated data and runs (keeps .venv)

@@ -72,8 +72,13 @@ class Stepper:
         self.amp = amp
         self.clip_grad = clip_grad
         self.device = device or next(model.parameters()).device
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.scaler = self._new_scaler()
         self.step_count = 0
+
+    def _new_scaler(self) -> torch.amp.GradScaler:
+        """The fp16 loss scaler, built for this Stepper's device type (`torch.amp.GradScaler("cpu")` runs the
+        same unscale / inf check / skip / back-off code as CUDA's, which is how the tests exercise it)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
     def lr(self, step: int | None = None) -> float | None:
         """The scheduled lr of optimizer step `step` (default: the coming one)."""
@@ -122,7 +127,7 @@ class Stepper:
         self.model = model
         if optimizer is not None and optimizer is not self.optimizer:
             self.optimizer = optimizer
-            self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+            self.scaler = self._new_scaler()
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -153,7 +158,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per device the saving process saw; a process that sees fewer (CUDA_VISIBLE_DEVICES set per
+        # rank on the resuming cluster) restores the ones it has instead of failing on an index
+        for index, generator_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(generator_state, index)
 
 
 def gather_rng_states() -> list[dict]:

@@ -155,10 +155,13 @@ def peak_lr(optim) -> float:
     return optim.lr if optim.lr is not None else optim.blr * optim.global_batch / 256
 
 
-def adamw(groups, *, lr: float, betas, device) -> torch.optim.AdamW:
-    """AdamW over parameter groups; on CUDA the fused implementation (one kernel for every parameter instead of
-    a foreach pass per operation), which gives the same update up to floating-point rounding."""
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=torch.device(device).type == "cuda")
+def adamw(groups, *, lr: float, betas, device, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over parameter groups; by default (`fused=None`) on CUDA the fused implementation (one kernel for
+    every parameter instead of a foreach pass per operation), which gives the same update up to floating-point
+    rounding (tests/test_gpu_twins.py compares the two with `fused=True` on CPU, where torch has it too)."""
+    if fused is None:
+        fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
 
 
 def warmup_cosine(base: float, final: float, total: float, warmup: float, positions=None) -> np.ndarray:

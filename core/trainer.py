@@ -270,8 +270,10 @@ class Meter:
 
     def add(self, losses: dict, images: int) -> None:
         for k, v in losses.items():
+            # a copy, never a reference: `.float()` of a float32 tensor is the tensor itself, and under CUDA
+            # graphs (compile=reduce-overhead) the next replay overwrites a graph output in place
             v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.micro += 1
         self.images += images
 

@@ -39,6 +39,23 @@ def run_module(module: str, *args: str, processes: int = 1, threads: int = 1) ->
     return proc
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="device of the GPU-twin tests (tests/test_gpu_twins.py): cpu (default) or cuda (tools/gpu_check.py)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device the GPU-twin tests run their code path on: CPU in `make test`, cuda in the GPU check."""
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: no CUDA device here")
+    return dev
+
+
 @pytest.fixture(scope="session")
 def tiny_imagenet(tmp_path_factory) -> Path:
     """4 classes x 8 train / 4 val images in ImageNet layout."""

@@ -300,11 +300,16 @@ def test_gpu_check_dry_run_does_every_step(tmp_path):
 
     report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "2000"])
     names = [s["name"] for s in report["steps"]]
-    assert names == ["side_by_side", "mfu_large", "mfu_huge", "jpegs", "decode_gpu", "decode_uint8", "decode_pil"] + [
+    assert names == ["gpu_tests", "side_by_side", "jpegs", "decode_gpu", "pretrain_run", "mfu_large", "mfu_huge"] + [
+        "study_gpu",
+        "decode_uint8",
+        "decode_pil",
         "end_to_end",
-        "pretrain_run",
     ]
-    assert all(s["status"] == "done" for s in report["steps"]), [(s["name"], s["status"]) for s in report["steps"]]
+    done = [s for s in report["steps"] if s["name"] != "study_gpu"]
+    assert all(s["status"] == "done" for s in done), [(s["name"], s["status"]) for s in report["steps"]]
+    assert report["steps"][7]["status"].startswith("skipped: dry run")
+    assert report["steps"][0]["result"]["tests_passed"] >= 10 and "tests_failed" not in report["steps"][0]["result"]
     assert report["pretrain_run"]["optimizer_steps"] == 6 and set(report["pretrain_run"]["stage_final_loss"]) == {
         "0",
         "1",
@@ -317,3 +322,50 @@ def test_gpu_check_skips_a_step_over_the_budget(tmp_path):
     report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "side_by_side", "--budget-s", "5"])
     assert report["steps"][0]["status"].startswith("skipped: 5 s of the budget left")
     assert "side_by_side: skipped" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_check_plans_the_device_steps_and_judges_the_targets(tmp_path):
+    """The real (non-dry) plan on a CUDA host: the GPU tests with --device cuda first, the pretraining run with
+    data.backend=gpu and CUDA graphs, the GPU study; and the targets judged only on a real GPU run."""
+    import argparse
+
+    from tools import gpu_check
+
+    args = argparse.Namespace(out=str(tmp_path), dry_run=False, authors=None)
+    plan = {s["name"]: s for s in gpu_check.plan_steps(args, cuda=True)}
+    assert list(plan)[:2] == ["gpu_tests", "side_by_side"] and list(plan)[-1] == "end_to_end"
+    assert plan["gpu_tests"]["cmd"][-2:] == ["--device", "cuda"]
+    run = plan["pretrain_run"]["cmd"]
+    assert "data.backend=gpu" in run and "compile=reduce-overhead" in run and "device=cpu" not in run
+    assert plan["study_gpu"]["cmd"][3:6] == ["targets", "--scale", "gpu"] and not plan["study_gpu"].get("skip")
+    # the first five (tests, side by side, JPEGs, gpu decoding, the pretraining run) fit the 660 s budget even at
+    # their time limits, leaving over 3 minutes for the rest (MFU L/H, the study: what their steps did not use)
+    limits = [s["limit"] for s in gpu_check.plan_steps(args, cuda=True)]
+    assert sum(limits[:5]) <= 660 - 180
+    assert gpu_check.pytest_summary(
+        "..\nFAILED tests/x.py::test_a - assert 1\n1 failed, 9 passed, 1 skipped in 3s"
+    ) == {
+        "tests_failed": 1,
+        "tests_passed": 9,
+        "tests_skipped": 1,
+        "failed_tests": ["tests/x.py::test_a"],
+    }
+
+    def report(device, cuda=True, dry=False):
+        steps = [
+            {"name": "side_by_side", "result": {"ours_compiled_mfu": 0.43, "ours_compiled_vs_authors": 1.4}},
+            {"name": "decode_gpu", "result": {"images_per_s": 6200.0}},
+        ]
+        env = {"device": device, "cuda": cuda, "cpus": 16}
+        return gpu_check.check_targets({"environment": env, "dry_run": dry, "steps": steps})
+
+    by_name = {t["name"]: t for t in report("NVIDIA H100 80GB HBM3")}
+    assert by_name["vit_b_compiled_mfu"]["pass"] is True  # 0.43 >= 0.40
+    assert by_name["vit_b_compiled_vs_authors"]["pass"] is False  # 1.4 < 1.5
+    assert (
+        by_name["gpu_backend_images_per_s"]["pass"] is True
+        and by_name["gpu_backend_images_per_s"]["host_cpu_cores"] == 16
+    )
+    a100 = {t["name"]: t for t in report("NVIDIA A100-SXM4-80GB")}
+    assert a100["vit_b_compiled_mfu"]["pass"] is None and "H100/H200" in a100["vit_b_compiled_mfu"]["not_judged"]
+    assert all(t["pass"] is None for t in report("x86_64 CPU", cuda=False) + report("NVIDIA H200", dry=True))
