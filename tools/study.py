@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from core import checkpoint as ckpt
-from core import errors
+from core import errors, interrupt
 from core import probe as probes
 from core.config import ConfigError, load_config
 from core.vit import PRESETS, ViT, preset
@@ -277,14 +277,9 @@ def run_seeds(args, per_seed) -> list:
     """`per_seed(args, data, evaluate, seed)` for every seed; with `--jobs N` first in N processes (each with
     its share of the CPU threads) that fill the run folders and the evaluation cache, then here from them."""
     data = ensure_data(args)
-    if args.jobs > 1 and len(args.seeds) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(args.jobs, len(args.seeds)), mp_context=ctx) as pool:
-            for f in [pool.submit(_seed_job, vars(args), per_seed.__name__, s) for s in args.seeds]:
-                f.result()
+    if args.jobs > 1 and len(args.seeds) > 1:  # SIGTERM / SIGINT stop them with this process (core.interrupt)
+        calls = [(vars(args), per_seed.__name__, s) for s in args.seeds]
+        interrupt.run_in_processes(_seed_job, calls, jobs=min(args.jobs, len(args.seeds)))
     evaluate = Evaluator(args, data)
     return [per_seed(args, data, evaluate, seed) for seed in args.seeds], evaluate.loads
 

@@ -1,0 +1,206 @@
+"""Clean stops on SIGTERM and SIGINT, for every entry point and the processes it starts.
+
+SIGTERM is what `kill PID`, a scheduler's time limit or a job preemption sends; SIGINT is Ctrl-C. Every
+entry point runs its body under `handlers()` (through `core.errors.main`), which replaces Python's default
+actions (death without cleanup for SIGTERM, a KeyboardInterrupt traceback for SIGINT) with one rule:
+
+- Outside a training loop the signal raises `Interrupted` at once; `core.errors.main` prints one line
+  `stopped by SIGTERM: ...` and exits with the conventional status 128 + signal (143, 130).
+- Inside a training loop (`hold()` ... `release()`, `core.trainer`) the signal is a request: the loop
+  finishes its step and its events, writes checkpoint-last (every rank, agreed with the step's all-reduce)
+  and raises `Interrupted`; the same command resumes. A second signal while a request is pending raises at
+  once (from the last checkpoint).
+- Processes the suite starts itself (`run_in_processes`: the study's per-seed jobs) each lead their own
+  process group (their loader workers are in it). A signal here is forwarded to each child's main process,
+  which stops cleanly as above; `GRACE_S` seconds later whatever is left of their groups is killed.
+- DataLoader workers (`worker_init`) ignore SIGINT and SIGTERM: Ctrl-C reaches the whole foreground group
+  and a worker that died of it would break its parent's clean stop; the parent ends them when it exits
+  (and a worker whose parent died exits by itself within seconds, torch's watchdog).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager, suppress
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+GRACE_S = 10.0  # a child's time to write its checkpoint and exit before its process group is killed
+
+_pending: int | None = None  # the first signal received, not yet acted on
+_hold = 0  # > 0: inside a training loop, a signal is a request
+
+
+class Interrupted(BaseException):
+    """The process was asked to stop by `signum`. A BaseException (as KeyboardInterrupt): no `except
+    Exception` on the way up swallows it."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        self.signum = int(signum)
+        super().__init__(message or f"stopped by {name(signum)}")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+def name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def requested() -> int | None:
+    """The signal received and not acted on yet (None: none)."""
+    return _pending
+
+
+def _handler(signum, frame) -> None:
+    global _pending
+    first = _pending is None
+    if first:
+        _pending = signum
+    if _hold > 0 and first:
+        return  # the training loop stops at the end of the step
+    raise Interrupted(signum)
+
+
+@contextmanager
+def handlers():
+    """SIGTERM / SIGINT handled as the module doc says, for the duration (the previous handlers restored;
+    nothing happens outside the main thread, where signals cannot be handled)."""
+    global _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+    _pending = None
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _pending = None
+
+
+def hold() -> None:
+    """From here a signal is a request the training loop acts on at the end of a step (see `release`)."""
+    global _hold
+    _hold += 1
+
+
+def release(check: bool = True) -> None:
+    """End a `hold`. A request still pending (it came after the loop's last check) stops the process here,
+    unless `check` is False (the loop is already leaving by an exception)."""
+    global _hold
+    _hold = max(_hold - 1, 0)
+    if check and _hold == 0 and _pending is not None:
+        raise Interrupted(_pending)
+
+
+def worker_init(worker_id: int | None = None) -> None:
+    """`worker_init_fn` of the suite's DataLoaders: the worker ignores SIGINT and SIGTERM (module doc)."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+# ------------------------------------------------------------------------------------------- children
+def _child(fn, args: tuple, conn) -> None:
+    """Body of a process started by `run_in_processes`: its own process group, the suite's handlers, the
+    outcome sent back (an exception that does not pickle as its one-line text)."""
+    with suppress(OSError):
+        os.setpgid(0, 0)
+    outcome = ("ok", None)
+    status = 0
+    with handlers():
+        try:
+            outcome = ("ok", fn(*args))
+        except Interrupted as e:
+            print(f"[pid {os.getpid()}] {e}", file=sys.stderr, flush=True)
+            outcome, status = ("interrupted", e.signum), e.exit_status
+        except BaseException as e:  # noqa: BLE001 - sent to the parent, which re-raises it
+            import pickle
+
+            try:
+                pickle.dumps(e)
+                outcome = ("error", e)
+            except Exception:  # noqa: BLE001
+                outcome = ("error", RuntimeError(f"{type(e).__name__}: {e}"))
+            status = 1
+    try:
+        conn.send(outcome)
+    finally:
+        conn.close()
+    if status:
+        sys.exit(status)  # multiprocessing's own exit path: its finalizers, daemonic loader workers ended
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def stop_children(procs, signum: int, grace: float = GRACE_S) -> None:
+    """Forward `signum` to each child's main process, wait up to `grace` seconds for them to exit, then kill
+    what is left of each child's process group (its loader workers included)."""
+    for p in procs:
+        if p.is_alive():
+            with suppress(ProcessLookupError):
+                os.kill(p.pid, signum)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0.0))
+    for p in procs:
+        _kill_group(p.pid, signal.SIGKILL)
+        if p.is_alive():
+            p.kill()
+        p.join(2.0)
+
+
+def run_in_processes(fn, calls: list[tuple], jobs: int, grace: float = GRACE_S) -> list:
+    """`fn(*args)` for every `args` of `calls`, at most `jobs` at a time, each in a spawned process that
+    leads its own process group; the results in order. A child's exception is re-raised here once every
+    child has ended (the first one in call order). SIGTERM / SIGINT (or any exception) here stops the
+    running children (`stop_children`) before it propagates; a child stopped by a signal is `Interrupted`."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("spawn")
+    results: dict[int, tuple] = {}
+    running: dict[int, tuple] = {}  # index -> (process, connection)
+    queue = list(range(len(calls)))
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                i = queue.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_child, args=(fn, calls[i], send), name=f"job-{i}")
+                p.start()
+                send.close()
+                with suppress(OSError):  # also here, so no signal finds it in our group (EACCES once it ran)
+                    os.setpgid(p.pid, p.pid)
+                running[i] = (p, recv)
+            wait([p.sentinel for p, _ in running.values()], timeout=1.0)
+            for i, (p, recv) in list(running.items()):
+                if p.is_alive():
+                    continue
+                try:
+                    results[i] = recv.recv() if recv.poll() else ("error", RuntimeError(f"exit status {p.exitcode}"))
+                except (EOFError, OSError):
+                    results[i] = ("error", RuntimeError(f"job {i} ended with exit status {p.exitcode}"))
+                recv.close()
+                _kill_group(p.pid, signal.SIGKILL)  # anything it left behind
+                del running[i]
+                if results[i][0] == "interrupted":  # stopped by a signal that did not come from us
+                    raise Interrupted(results[i][1])
+    except BaseException as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGTERM
+        stop_children([p for p, _ in running.values()], signum, grace)
+        if isinstance(e, Interrupted):
+            raise Interrupted(signum, f"stopped by {name(signum)}: {len(running)} child process(es) stopped") from None
+        raise
+    for i in range(len(calls)):
+        if results[i][0] == "error":
+            raise results[i][1]
+    return [results[i][1] for i in range(len(calls))]
