@@ -374,12 +374,12 @@ class Trainer:
         if saved is not None and saved != now:
             diff = "; ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
             was = ((state.get("config") or {}).get("data") or {}).get("root")
-            root = f"data.root={(self.cfg.get('data') or {}).get('root')}" + (
-                f" (the run used {was})" if was is not None else ""
+            root = f"data.root={(self.cfg.get('data') or {}).get('root')} now" + (
+                f", the run used {was}" if was is not None else ""
             )
             raise ckpt.CheckpointError(
-                f"{path}: saved by a run on other training data ({diff}) than {root}; a resumed run must see the "
-                "same data (its step counter, schedule and sampler order depend on it): set data.root to the run's "
+                f"{path}: saved by a run on other training data ({diff}): {root}; a resumed run must see the same "
+                "data (its step counter, schedule and sampler order depend on it): set data.root to the run's "
                 "data, or use another out folder, or resume=none"
             )
 
