@@ -13,14 +13,18 @@ actions (death without cleanup for SIGTERM, a KeyboardInterrupt traceback for SI
 - Processes the suite starts itself (`run_in_processes`: the study's per-seed jobs) each lead their own
   process group (their loader workers are in it). A signal here is forwarded to each child's main process,
   which stops cleanly as above; `GRACE_S` seconds later whatever is left of their groups is killed.
-- DataLoader workers (`worker_init`) ignore SIGINT and SIGTERM: Ctrl-C reaches the whole foreground group
-  and a worker that died of it would break its parent's clean stop; the parent ends them when it exits
-  (and a worker whose parent died exits by itself within seconds, torch's watchdog).
+- DataLoader workers (`worker_init`) ignore SIGINT (Ctrl-C reaches the whole foreground group, and a
+  worker that died of it would break its parent's clean stop). A SIGTERM sent to every process of a job (a
+  scheduler's time limit or preemption: `kill -TERM -PGID`) is ignored by a worker whose parent received a
+  signal too (the parent's C-level handler writes it to a pipe the forked workers can poll without reading,
+  `signal.set_wakeup_fd`): the parent finishes its step with them, then ends them. A SIGTERM that the parent
+  did not receive (the parent ending its workers at exit) ends the worker, as torch's own handler does.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
@@ -32,6 +36,8 @@ GRACE_S = 10.0  # a child's time to write its checkpoint and exit before its pro
 
 _pending: int | None = None  # the first signal received, not yet acted on
 _hold = 0  # > 0: inside a training loop, a signal is a request
+_wake: tuple[int, int] | None = None  # (read, write) ends of the pipe the C-level handler writes signals to
+WORKER_WAIT_S = 0.3  # how long a loader worker given SIGTERM looks for its parent's signal before it exits
 
 
 class Interrupted(BaseException):
@@ -74,14 +80,29 @@ def handlers():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _wake
+    if _wake is None:
+        _wake = os.pipe()
+        for fd in _wake:
+            os.set_blocking(fd, False)
+    _drain()
     previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+    previous_fd = signal.set_wakeup_fd(_wake[1], warn_on_full_buffer=False)
     _pending = None
     try:
         yield
     finally:
+        signal.set_wakeup_fd(previous_fd)
         for s, h in previous.items():
             signal.signal(s, h)
+        _drain()  # the workers still alive at exit then end on their parent's SIGTERM
         _pending = None
+
+
+def _drain() -> None:
+    with suppress(OSError):
+        while os.read(_wake[0], 4096):
+            pass
 
 
 def hold() -> None:
@@ -100,9 +121,16 @@ def release(check: bool = True) -> None:
 
 
 def worker_init(worker_id: int | None = None) -> None:
-    """`worker_init_fn` of the suite's DataLoaders: the worker ignores SIGINT and SIGTERM (module doc)."""
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    """`worker_init_fn` of the suite's DataLoaders: the worker ignores SIGINT, and SIGTERM while its parent
+    stops on a signal of its own (module doc)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def _worker_sigterm(signum, frame) -> None:
+    if _wake is not None and select.select([_wake[0]], [], [], WORKER_WAIT_S)[0]:
+        return  # the parent got a signal as well (the whole job was signalled): it ends us after its step
+    os._exit(0)
 
 
 # ------------------------------------------------------------------------------------------- children

@@ -109,29 +109,30 @@ def test_run_in_processes_returns_in_order_and_re_raises_a_childs_error():
 
 # ------------------------------------------------------------------------------------- a task's workers
 def test_finetune_with_loader_workers_stops_on_sigterm_and_ctrl_c_and_resumes(tiny_imagenet, tmp_path):
+    """SIGTERM to the main process (`kill PID`), then to every process of the job (a scheduler's time limit:
+    the loader workers get it too), then Ctrl-C (SIGINT to the foreground group): each time a clean stop at a
+    step, checkpoint-last of that step, nothing left alive, and the same command goes on from there."""
+    from core import checkpoint as ckpt
+
     out = tmp_path / "ft"
     args = [
         "-c", "tiny", f"data.root={tiny_imagenet}", f"out={out}", "device=cpu", "data.workers=2",
         "data.batch_per_gpu=8", "data.eval_batch_per_gpu=8", "optim.global_batch=8", "epochs=200",
         "log.every=1", "log.tensorboard=false",
     ]  # fmt: skip
-    log = tmp_path / "ft.log"
-    proc = start("finetune", *args, log=log)
-    wait_for(lambda: train_lines(out / "metrics.jsonl") >= 2, 120, proc, log)
-    text = stop_and_check(proc, signal.SIGTERM, log)
-    last = text.strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGTERM at step ") and "checkpoint-last.pth written" in last, text[-2000:]
-    step = int(last.split("at step ")[1].split()[0])
-    from core import checkpoint as ckpt
-
-    assert ckpt.load(out / "checkpoint-last.pth")["step"] == step
-    # the same command goes on from there; Ctrl-C (SIGINT to the whole foreground group, loader workers too)
-    log2 = tmp_path / "ft2.log"
-    proc = start("finetune", *args, log=log2)
-    wait_for(lambda: train_lines(out / "metrics.jsonl") >= step + 2, 120, proc, log2)
-    text = stop_and_check(proc, signal.SIGINT, log2, group=True)
-    assert f"resuming at step {step} of " in text and text.strip().splitlines()[-1].startswith("stopped by SIGINT")
-    assert ckpt.load(out / "checkpoint-last.pth")["step"] > step
+    step = 0
+    for k, (sig, group) in enumerate(((signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True))):
+        log = tmp_path / f"ft{k}.log"
+        proc = start("finetune", *args, log=log)
+        wait_for(lambda: train_lines(out / "metrics.jsonl") >= step + 2, 120, proc, log)  # noqa: B023
+        text = stop_and_check(proc, sig, log, group=group)
+        last = text.strip().splitlines()[-1]
+        assert last.startswith(f"stopped by {signal.Signals(sig).name} at step "), text[-2000:]
+        assert "checkpoint-last.pth written" in last, text[-2000:]
+        assert k == 0 or f"resuming at step {step} of " in text
+        stopped = int(last.split("at step ")[1].split()[0])
+        assert stopped > step and ckpt.load(out / "checkpoint-last.pth")["step"] == stopped
+        step = stopped
 
 
 # ---------------------------------------------------------------------------------------------- a study
