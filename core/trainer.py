@@ -489,7 +489,7 @@ class Trainer:
                 if done or (every and units_done % every == 0):
                     window.since += self._evaluate(step)  # evaluation time is not training time
                 if task.unit == "epoch":
-                    summary = {k: v for k, v in epoch_meter.means().items()}
+                    summary = {k: v for k, v in epoch_meter.means().items()} or {"loss": math.nan}  # all skipped
                     force_save = task.end_of_epoch(epoch, summary)
                     epoch_meter.reset()
                     if task.model is not stepper.model and task.model is not getattr(stepper.model, "module", None):
@@ -507,11 +507,13 @@ class Trainer:
                     log.write(f"stopping after {limit} {what} at step {step}; run the same command again to resume")
                     log.close()
                     key = "stopped_at_epoch" if task.unit == "epoch" else "stopped_at_iteration"
-                    interrupt.release()  # a SIGTERM / SIGINT that came meanwhile: stopped, as asked
+                    interrupt.release(check=not env.distributed)  # a SIGTERM / SIGINT meanwhile: stop as asked
                     return {key: units_done}
             guard.stop_if_requested(layout, step, saved=at_end and bool(saving))
             t_step = time.time()
-        interrupt.release()  # a request that came after the last step's check stops here (checkpoint-last is saved)
+        # a request that came after the last step's check stops here (checkpoint-last is saved); with several
+        # processes only the loop's agreed check stops (one rank alone leaving would hang the others)
+        interrupt.release(check=not env.distributed)
 
         if self.last_eval is None or self.last_eval["step"] != total:
             self._evaluate(total)  # a finished run started again, or a task that evaluated nothing
