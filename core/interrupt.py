@@ -9,7 +9,8 @@ actions (death without cleanup for SIGTERM, a KeyboardInterrupt traceback for SI
 - Inside a training loop (`hold()` ... `release()`, `core.trainer`) the signal is a request: the loop
   finishes its step and its events, writes checkpoint-last (every rank, agreed with the step's all-reduce)
   and raises `Interrupted`; the same command resumes. A second signal while a request is pending raises at
-  once (from the last checkpoint).
+  once (from the last checkpoint), unless it follows the first within `REPEAT_S` seconds: a launcher
+  forwarding the signal its group received too (torchrun after Ctrl-C or a scheduler's SIGTERM to the job).
 - Processes the suite starts itself (`run_in_processes`: the study's per-seed jobs) each lead their own
   process group (their loader workers are in it). A signal here is forwarded to each child's main process,
   which stops cleanly as above; `GRACE_S` seconds later whatever is left of their groups is killed.
@@ -34,7 +35,9 @@ from contextlib import contextmanager, suppress
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 GRACE_S = 10.0  # a child's time to write its checkpoint and exit before its process group is killed
 
+REPEAT_S = 2.0  # a second signal sooner than this after the first is the same request
 _pending: int | None = None  # the first signal received, not yet acted on
+_pending_at = 0.0
 _hold = 0  # > 0: inside a training loop, a signal is a request
 _wake: tuple[int, int] | None = None  # (read, write) ends of the pipe the C-level handler writes signals to
 WORKER_WAIT_S = 0.3  # how long a loader worker given SIGTERM looks for its parent's signal before it exits
@@ -63,11 +66,11 @@ def requested() -> int | None:
 
 
 def _handler(signum, frame) -> None:
-    global _pending
+    global _pending, _pending_at
     first = _pending is None
     if first:
-        _pending = signum
-    if _hold > 0 and first:
+        _pending, _pending_at = signum, time.monotonic()
+    if _hold > 0 and (first or time.monotonic() - _pending_at < REPEAT_S):
         return  # the training loop stops at the end of the step
     raise Interrupted(signum)
 
@@ -224,7 +227,11 @@ def run_in_processes(fn, calls: list[tuple], jobs: int, grace: float = GRACE_S) 
                     raise Interrupted(results[i][1])
     except BaseException as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGTERM
-        stop_children([p for p, _ in running.values()], signum, grace)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # a second Ctrl-C cannot cut this short
+        try:
+            stop_children([p for p, _ in running.values()], signum, grace)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if isinstance(e, Interrupted):
             raise Interrupted(signum, f"stopped by {name(signum)}: {len(running)} child process(es) stopped") from None
         raise

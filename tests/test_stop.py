@@ -84,7 +84,7 @@ def train_lines(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ module
-def test_a_signal_outside_a_loop_raises_at_once_and_inside_one_waits_for_the_step():
+def test_a_signal_outside_a_loop_raises_at_once_and_inside_one_waits_for_the_step(monkeypatch):
     with pytest.raises(interrupt.Interrupted) as e, interrupt.handlers():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
@@ -94,9 +94,22 @@ def test_a_signal_outside_a_loop_raises_at_once_and_inside_one_waits_for_the_ste
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
         assert interrupt.requested() == signal.SIGINT  # a request, nothing raised
+        os.kill(os.getpid(), signal.SIGTERM)  # a launcher forwarding it at once: the same request
+        time.sleep(0.1)
         with pytest.raises(interrupt.Interrupted) as e:
             interrupt.release()  # not acted on by the loop: stops here
         assert e.value.exit_status == 130
+    monkeypatch.setattr(interrupt, "REPEAT_S", 0.0)
+    with pytest.raises(interrupt.Interrupted) as e, interrupt.handlers():
+        interrupt.hold()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)  # pressed again, later: at once
+            time.sleep(1)
+        finally:
+            interrupt.release(check=False)
+    assert e.value.exit_status == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
