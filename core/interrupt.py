@@ -126,6 +126,7 @@ def release(check: bool = True) -> None:
 def worker_init(worker_id: int | None = None) -> None:
     """`worker_init_fn` of the suite's DataLoaders: the worker ignores SIGINT, and SIGTERM while its parent
     stops on a signal of its own (module doc)."""
+    signal.set_wakeup_fd(-1)  # inherited from the parent: the worker's own signals must not look like its parent's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _worker_sigterm)
 

@@ -120,6 +120,37 @@ def test_run_in_processes_returns_in_order_and_re_raises_a_childs_error():
         interrupt.run_in_processes(int, [("7",), ("x",)], jobs=2)
 
 
+EXIT_WITH_WORKERS = """
+import torch
+from core import interrupt
+from core.data import ShardedSampler, make_loader
+
+class Zeros(torch.utils.data.Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, key):
+        return torch.zeros(3)
+
+alive = []
+with interrupt.handlers():  # as under core.errors.main: the workers inherit its wakeup fd
+    loader = make_loader(Zeros(), ShardedSampler(32, 4), workers=2, device=torch.device("cpu"), drop_last=True)
+    alive.append(iter(loader))
+    next(alive[0])
+print("leaving with persistent workers alive", flush=True)
+"""
+
+
+def test_a_process_exits_with_persistent_loader_workers_alive(tmp_path):
+    """Interpreter exit terminates daemonic loader workers with SIGTERM and joins them: the workers'
+    handler must let that SIGTERM end them (a worker ignoring it hangs the exit forever)."""
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_WITH_WORKERS)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "leaving" in proc.stdout, proc.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------- a task's workers
 def test_finetune_with_loader_workers_stops_on_sigterm_and_ctrl_c_and_resumes(tiny_imagenet, tmp_path):
     """SIGTERM to the main process (`kill PID`), then to every process of the job (a scheduler's time limit:
