@@ -200,6 +200,7 @@ def resume_path(out_dir: str | os.PathLike, resume: str | None) -> Path | None:
 # not what is computed (a prefix ending in "." covers a whole section).
 RESUME_FREE = (
     "out", "resume", "device", "amp", "compile", "max_epochs", "max_iters", "checkpoint", "log.", "eval.",
+    "nonfinite", "nonfinite_max_skips",
     "data.root", "data.workers", "data.skip_corrupt", "data.eval_batch_per_gpu", "model.grad_checkpointing",
 )  # fmt: skip
 

@@ -119,6 +119,7 @@ def section(cls: type) -> typing.Any:
 
 DEVICES = ("auto", "cuda", "cpu")
 AMPS = ("auto", "bf16", "fp16", "none")
+NONFINITE = ("stop", "skip")  # core.engine.NONFINITE: the policy for a step whose loss is not finite
 COMPILE_MODES = (True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SEED_MAX = 2**32 - 1
 
@@ -143,6 +144,8 @@ class RunOptions:
     amp: str = option(choices=AMPS)
     compile: bool | str = option(choices=COMPILE_MODES)
     resume: str | None = option()
+    nonfinite: str = option(choices=NONFINITE)
+    nonfinite_max_skips: int = option(ge=0)
     log: RunLog = section(RunLog)
 
 

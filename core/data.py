@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from core import interrupt
 from core.errors import CorruptImageError, DataError, one_line
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # any case
@@ -398,6 +399,7 @@ def make_loader(
         collate_fn=SkipCollate(collate_fn, batched),
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(sampler.seed),
+        worker_init_fn=interrupt.worker_init,  # SIGINT / SIGTERM are the main process's to handle
     )
     return Loader(loader, split)
 

@@ -114,6 +114,14 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over processes (a copy)."""
+    y = x.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y
+
+
 def all_gather_object(obj) -> list:
     """Every rank's python object, in rank order, on every rank."""
     if not dist.is_initialized():

@@ -12,6 +12,14 @@ schedule (applied explicitly with `start_step`), and the step counter. The train
             loss = ...
         stepper.backward(loss, size=len(micro_batches), last=j == len(micro_batches) - 1)
     stepper.step()
+
+Non-finite losses (`nonfinite`): `backward` notes whether the micro-batch's loss is finite (on the device, no
+sync); `step` agrees on it across processes (one all-reduce, the one host sync of the step, which also carries
+the stop request of a SIGTERM / SIGINT, `core.interrupt`) before anything is updated. `stop` raises
+`NonFiniteStep`; `skip` drops the step: no optimizer or scaler update (weights, moments and the optimizer's own
+step count unchanged), gradients zeroed, `skipped` counted; the lr schedule is indexed by the updates applied
+(`applied`), so the lrs the applied updates see are those of a run that never drew the batch. More than
+`max_skips` consecutive skips raise `NonFiniteStep` as `stop` does.
 """
 
 from __future__ import annotations
@@ -48,12 +56,24 @@ def steps_per_epoch(batches: int, accum: int) -> int:
     return math.ceil(batches / accum)
 
 
+NONFINITE = ("stop", "skip")
+
+
+class NonFiniteStep(Exception):
+    """Step `step` (1-based) had a non-finite loss and was not applied; `in_a_row` consecutive such steps."""
+
+    def __init__(self, step: int, in_a_row: int):
+        super().__init__(f"non-finite loss at step {step} ({in_a_row} in a row)")
+        self.step, self.in_a_row = step, in_a_row
+
+
 class Stepper:
     """Optimizer steps from micro-batch losses.
 
     model: the module that runs forward/backward (DDP-wrapped under torch.distributed). schedule: lr per
     optimizer step (indexed by `step_count`), applied through each param group's `lr_scale`; None keeps the
     lr. clip_grad: max global gradient norm (None: no clipping, and no norm pass unless asked for).
+    nonfinite / max_skips: the policy for a step whose loss is not finite (module doc).
     """
 
     def __init__(
@@ -65,7 +85,11 @@ class Stepper:
         amp: str = "none",
         clip_grad: float | None = None,
         device: torch.device | None = None,
+        nonfinite: str = "stop",
+        max_skips: int = 0,
     ):
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}; got {nonfinite!r}")
         self.model = model
         self.optimizer = optimizer
         self.schedule = None if schedule is None else np.asarray(schedule, dtype=np.float64)
@@ -73,7 +97,18 @@ class Stepper:
         self.clip_grad = clip_grad
         self.device = device or next(model.parameters()).device
         self.scaler = self._new_scaler()
-        self.step_count = 0
+        self.step_count = 0  # steps taken, applied or skipped: the position in the data stream
+        self.nonfinite, self.max_skips = nonfinite, max_skips
+        self.skipped = 0  # steps skipped for a non-finite loss, over the run
+        self.in_a_row = 0  # consecutive skipped steps up to the last one
+        self.last_skipped = False  # the last `step` was skipped
+        self.stop_requested = 0  # a signal some process received, agreed by the last `step` (0: none)
+        self._finite: torch.Tensor | None = None  # every loss of the coming step finite so far (on the device)
+
+    @property
+    def applied(self) -> int:
+        """Updates applied: the index into the lr schedule."""
+        return self.step_count - self.skipped
 
     def _new_scaler(self) -> torch.amp.GradScaler:
         """The fp16 loss scaler, built for this Stepper's device type (`torch.amp.GradScaler("cpu")` runs the
@@ -81,10 +116,10 @@ class Stepper:
         return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
     def lr(self, step: int | None = None) -> float | None:
-        """The scheduled lr of optimizer step `step` (default: the coming one)."""
+        """The scheduled lr of update `step` (0-based count of applied updates; default: the coming one)."""
         if self.schedule is None:
             return None
-        s = self.step_count if step is None else step
+        s = self.applied if step is None else step
         return float(self.schedule[min(s, len(self.schedule) - 1)])
 
     def start_step(self) -> None:
@@ -101,12 +136,26 @@ class Stepper:
         """Backward of loss / size (`size` micro-batches in this step); gradients are all-reduced only on the
         step's last micro-batch."""
         sync = last or not isinstance(self.model, DistributedDataParallel)
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite
         with nullcontext() if sync else self.model.no_sync():
             self.scaler.scale(loss / size).backward()
 
-    def step(self, norm: bool = False) -> torch.Tensor | None:
+    def step(self, norm: bool = False, stop: int = 0) -> torch.Tensor | None:
         """Unscale, clip (if set), step, zero the gradients. Returns the global gradient norm before clipping
-        when clipping is on or `norm` is asked for, else None (the norm pass is skipped)."""
+        when clipping is on or `norm` is asked for, else None (the norm pass is skipped, and for a skipped step).
+        `stop`: this process was asked to stop; `stop_requested` is then the agreement of all processes.
+        A non-finite loss: see the module doc (`NonFiniteStep`, or a skipped step: `last_skipped`)."""
+        if self._agree_nonfinite(stop):
+            self.in_a_row += 1
+            if self.nonfinite == "stop" or self.in_a_row > self.max_skips:
+                raise NonFiniteStep(self.step_count + 1, self.in_a_row)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_count += 1
+            self.skipped += 1
+            self.last_skipped = True
+            return None
+        self.in_a_row, self.last_skipped = 0, False
         self.scaler.unscale_(self.optimizer)
         grad_norm = None
         if self.clip_grad or norm:
@@ -121,6 +170,14 @@ class Stepper:
         self.step_count += 1
         return grad_norm
 
+    def _agree_nonfinite(self, stop) -> bool:
+        """Whether any process saw a non-finite loss in this step (one all-reduce with the stop request)."""
+        finite = self._finite if self._finite is not None else torch.ones((), dtype=torch.bool, device=self.device)
+        self._finite = None
+        flags = torch.stack([(~finite).to(torch.int64), torch.as_tensor(int(stop or 0), device=finite.device)])
+        bad, self.stop_requested = dist.all_reduce_max(flags).tolist()
+        return bool(bad)
+
     def swap(self, model, optimizer=None) -> None:
         """Continue with another model (a stage switch rebuilt or re-wrapped it). A new optimizer (new parameter
         shapes) starts with a fresh loss scaler; the step counter and the schedule carry on."""
@@ -131,12 +188,19 @@ class Stepper:
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step_count}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step_count,
+            "skipped": self.skipped,
+            "in_a_row": self.in_a_row,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step_count = int(state["step"])
+        self.skipped, self.in_a_row = int(state.get("skipped", 0)), int(state.get("in_a_row", 0))
 
 
 def ddp(model: torch.nn.Module, env) -> torch.nn.Module:

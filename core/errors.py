@@ -11,6 +11,12 @@ Every entry point (`python -m pretrain|finetune|detection|segmentation`, the too
 a `UserError` is printed as one line `error: <message>` on stderr and the process exits with status 2;
 anything else is a bug and keeps its traceback. `--debug` (or the environment variable `DBOT_DEBUG=1`)
 shows the traceback of a `UserError` too.
+
+`main` also runs the body under `core.interrupt.handlers()`: SIGTERM / SIGINT stop the process cleanly (a
+training loop first writes checkpoint-last; processes the suite started are stopped with it), with one line
+`stopped by SIGTERM: ...` and the conventional exit status 128 + signal (143 for SIGTERM, 130 for SIGINT).
+A non-finite loss that stops a run (`nonfinite=stop`, or too many consecutive skips) is a `NonFiniteError`,
+one line and status 2 as the other user errors.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+
+from core import interrupt
 
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "DBOT_DEBUG"
@@ -48,6 +56,11 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read, written or does not fit; the message names the file and the key."""
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """A training step whose loss is not finite stopped the run before its update (`nonfinite`); the message
+    names the step, the epoch and the last good checkpoint."""
+
+
 _WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 
 
@@ -68,9 +81,15 @@ def debug_requested(argv: Sequence[str] | None = None) -> bool:
 
 def main(fn: Callable[[], object], argv: Sequence[str] | None = None) -> int:
     """Run an entry point's body: 0 on success, `error: <message>` and 2 for a `UserError` (re-raised with
-    its traceback under `--debug` / DBOT_DEBUG=1). Other exceptions propagate: they are bugs."""
+    its traceback under `--debug` / DBOT_DEBUG=1), `stopped by SIG...: ...` and 128 + signal for a stop by
+    SIGTERM / SIGINT. Other exceptions propagate: they are bugs."""
     try:
-        fn()
+        with interrupt.handlers():
+            fn()
+    except interrupt.Interrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(one_line(e), file=sys.stderr, flush=True)
+        return e.exit_status
     except UserError as e:
         if debug_requested(argv):
             raise

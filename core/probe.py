@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import interrupt
+
 POOLS = ("token", "avg")
 
 
@@ -205,7 +207,15 @@ def eval_loaders(
         raise DataError(f"probe data {root}: train and val class folders differ")
     sets = (Subset(train, subsample(len(train), max_train)), Subset(val, subsample(len(val), max_val)))
     return tuple(
-        DataLoader(d, batch_size=batch, shuffle=False, num_workers=workers, generator=torch.Generator()) for d in sets
+        DataLoader(
+            d,
+            batch_size=batch,
+            shuffle=False,
+            num_workers=workers,
+            generator=torch.Generator(),
+            worker_init_fn=interrupt.worker_init,
+        )
+        for d in sets
     )
 
 

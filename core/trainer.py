@@ -7,8 +7,10 @@ owns the rest, the same way for every task:
 - the micro-batch stream: optimizer step k reads a fixed span of micro-batches, derived from k alone, so a
   run resumed at any saved step sees exactly what an uninterrupted one would;
 - the `Stepper` (amp, accumulation with DDP no_sync, clipping, lr schedule);
-- cadence: metrics every `log.every` steps (non-finite losses stop the run), evaluation, checkpoint-last
-  every `log.save_every` units, the `max_epochs` / `max_iters` stop of time-limited jobs;
+- cadence: metrics every `log.every` steps, evaluation, checkpoint-last every `log.save_every` units, the
+  `max_epochs` / `max_iters` stop of time-limited jobs;
+- the non-finite policy (`nonfinite`: stop, or skip the step's update) and clean stops on SIGTERM / SIGINT
+  (checkpoint-last, then `core.interrupt.Interrupted`): `StepGuard`;
 - the run folder: config.yaml, metrics.jsonl, TensorBoard, progress bar, results.json.
 
 The engine reads only `RunOptions` of the config (`core.config`: out, seed, device, amp, compile, resume,
@@ -49,9 +51,10 @@ import torch
 from torch import nn
 
 from core import checkpoint as ckpt
-from core import dist, engine, weights
+from core import dist, engine, interrupt, weights
 from core.config import ConfigError, check_output_folder, save_config, to_dict, validate
 from core.data import DataError, Loader, ShardedSampler
+from core.errors import NonFiniteError
 from core.monitor import RunLogger, write_results
 
 
@@ -289,6 +292,86 @@ class Meter:
         self.sums, self.micro, self.images, self.since = {}, 0, 0, time.time()
 
 
+# ------------------------------------------------------------------------------------------ step guard
+class StepGuard:
+    """What the loop does around `Stepper.step` for the non-finite policy and for clean stops.
+
+    `losses` collects the step's `(losses, images)` per micro-batch; `step` takes the optimizer step (the
+    Stepper agrees on a non-finite loss and on a stop request across processes in one all-reduce) and adds
+    the losses to the meters only when the update was applied. A non-finite step under `nonfinite=stop` (or
+    one skip too many) is a `NonFiniteError` naming the step, the epoch and the last good checkpoint; nothing
+    is applied or saved from it. `stop_if_requested` ends the step of a SIGTERM / SIGINT: checkpoint-last
+    (unless the step's events just wrote it), then `core.interrupt.Interrupted`."""
+
+    def __init__(self, trainer: Trainer, path: Path | None, state: dict | None):
+        self.trainer, self.stepper = trainer, trainer.stepper
+        self.losses: list[tuple[dict, int]] = []
+        self.window_skipped = 0
+        # the last good checkpoint: the one resumed from, then every checkpoint-last this run writes
+        self.last_good = (str(path), int(state.get("step", self.stepper.step_count))) if state is not None else None
+
+    def add(self, losses: dict, images: int) -> None:
+        self.losses.append(
+            ({k: v.detach().clone() for k, v in losses.items()}, images)
+        )  # copies: a CUDA graph replay reuses its outputs
+
+    def step(self, epoch: int, logging: bool, *meters: Meter):
+        try:
+            grad_norm = self.stepper.step(norm=logging, stop=interrupt.requested() or 0)
+        except engine.NonFiniteStep as e:
+            raise NonFiniteError(self.message(e, epoch)) from None
+        if self.stepper.last_skipped:
+            self.window_skipped += 1
+            self.trainer.log.write(
+                f"nonfinite=skip: step {self.stepper.step_count} (epoch {epoch}) skipped, its loss is not finite "
+                f"({self.stepper.in_a_row} in a row, {self.stepper.skipped} in the run)"
+            )
+        else:
+            for losses, n in self.losses:
+                for meter in meters:
+                    meter.add(losses, n)
+        self.losses = []
+        return grad_norm
+
+    def message(self, e: engine.NonFiniteStep, epoch: int) -> str:
+        amp = self.trainer.run.amp
+        if self.stepper.nonfinite == "skip":
+            why = f"{e.in_a_row} in a row, more than nonfinite_max_skips={self.stepper.max_skips}"
+        else:
+            why = "nonfinite=stop (nonfinite=skip drops such steps)"
+        good = f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good else "none written yet"
+        hint = "; fp16: try amp=bf16" if amp == "fp16" else ""
+        return (
+            f"loss is not finite at step {e.step} (epoch {epoch}), {why}; the update was not applied and nothing "
+            f"was saved from it; last good checkpoint: {good}{hint}"
+        )
+
+    def saved(self, path: Path, step: int) -> None:
+        self.last_good = (str(path), step)
+
+    def log_fields(self) -> dict:
+        """Skipped steps in this log line's window and in the run (under nonfinite=skip)."""
+        if self.stepper.nonfinite != "skip" and not self.stepper.skipped:
+            return {}
+        fields = {"skipped_steps": self.window_skipped, "skipped_steps_total": self.stepper.skipped}
+        self.window_skipped = 0
+        return fields
+
+    def stop_if_requested(self, layout: Layout, step: int, saved: bool) -> None:
+        signum = self.stepper.stop_requested
+        if not signum:
+            return
+        trainer = self.trainer
+        if not saved:
+            trainer.save_last(layout, step)
+        total = len(trainer.run.schedule)
+        raise interrupt.Interrupted(
+            signum,
+            f"stopped by {interrupt.name(signum)} at step {step} of {total} (epoch {layout.epoch_of(step)}): "
+            f"{trainer.task.out / 'checkpoint-last.pth'} written; run the same command again to resume",
+        )
+
+
 # ---------------------------------------------------------------------------------------------- engine
 class Trainer:
     """Runs one task; see the module docstring. Use `fit(task)`."""
@@ -302,6 +385,7 @@ class Trainer:
         self.corrupt: dict[str, dict[str, str]] = {}  # split -> {path: reason}: corrupt files skipped in the run
         self.run: Run | None = None  # what the task built (replaced by a stage switch)
         self.stepper: engine.Stepper | None = None
+        self.guard: StepGuard | None = None
         task.trainer = self
         problem = None
         if self.env.is_main:  # one process tries the folder (several would race); every one gets the verdict
@@ -328,17 +412,27 @@ class Trainer:
         now = {"images": self.run.train_sampler.n, "batches_per_epoch": layout.batches}
         if saved is not None and saved != now:
             diff = "; ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+            was = ((state.get("config") or {}).get("data") or {}).get("root")
+            root = f"data.root={(self.cfg.get('data') or {}).get('root')} now" + (
+                f", the run used {was}" if was is not None else ""
+            )
             raise ckpt.CheckpointError(
-                f"{path}: saved by a run on other training data ({diff}); a resumed run must see the same data "
-                "(its step counter, schedule and sampler order depend on it): use another out folder, or resume=none"
+                f"{path}: saved by a run on other training data ({diff}): {root}; a resumed run must see the same "
+                "data (its step counter, schedule and sampler order depend on it): set data.root to the run's "
+                "data, or use another out folder, or resume=none"
             )
 
     def fit(self) -> dict:
         try:
             return self._fit()
         except BaseException:
+            interrupt.release(check=False)
             if self.log is not None:  # the progress bar ends its line before the error is printed
                 self.log.close()
+            for loader in self.task.loaders().values():  # no loader worker outlives the run
+                shutdown = getattr(getattr(loader.loader, "_iterator", None), "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
             raise
 
     def _fit(self) -> dict:
@@ -356,7 +450,14 @@ class Trainer:
         total = len(run.schedule)
         model = engine.ddp(run.model, env)
         self.stepper = stepper = engine.Stepper(
-            model, run.optimizer, run.schedule, amp=run.amp, clip_grad=run.clip_grad, device=env.device
+            model,
+            run.optimizer,
+            run.schedule,
+            amp=run.amp,
+            clip_grad=run.clip_grad,
+            device=env.device,
+            nonfinite=cfg.nonfinite,
+            max_skips=cfg.nonfinite_max_skips,
         )
         if state is not None:
             self._check_same_data(path, state, layout)
@@ -366,6 +467,7 @@ class Trainer:
             self.checkpoints = dict(saved.get("checkpoints", {}))
             self.last_eval = saved.get("last_eval")
             engine.restore_rng_states(state["rng"], env.rank, env.world_size, cfg.seed + 7919 * stepper.step_count)
+        self.guard = guard = StepGuard(self, path, state)
         del state
         start = stepper.step_count
 
@@ -389,22 +491,23 @@ class Trainer:
         task.train_mode(run.model)
 
         step = start
+        interrupt.hold()  # a SIGTERM / SIGINT from here is a request, acted on at the end of a step (StepGuard)
         while step < total:
             size = layout.size(step)
             stepper.start_step()
             for j in range(size):
                 epoch, index, batch = next(stream)
                 losses, n = micro_step(task, stepper, forward, epoch, index, batch, size=size, last=j == size - 1)
-                window.add(losses, n)
-                epoch_meter.add(losses, n)
+                guard.add(losses, n)
                 images += n
             logging = (step + 1) % cfg.log.every == 0 or layout.ends_epoch(step) or step + 1 == total
-            grad_norm = stepper.step(norm=logging)
+            grad_norm = guard.step(epoch, logging, window, epoch_meter)
             step = stepper.step_count
-            task.after_step(step, epoch)
+            if not stepper.last_skipped:
+                task.after_step(step, epoch)
             log.update(1)
             if logging:
-                self._log_line(step, epoch, window, grad_norm)
+                self._log_line(step, epoch, window, grad_norm, guard.log_fields())
             train_time += time.time() - t_step
 
             # events: evaluation, end of epoch (epoch unit), checkpoint, stop
@@ -420,22 +523,29 @@ class Trainer:
                 if done or (every and units_done % every == 0):
                     window.since += self._evaluate(step)  # evaluation time is not training time
                 if task.unit == "epoch":
-                    switch = task.end_of_epoch(epoch, epoch_meter.means(), stepper)
+                    summary = epoch_meter.means() or {"loss": math.nan}  # every step of the epoch skipped
+                    switch = task.end_of_epoch(epoch, summary, stepper)
                     epoch_meter.reset()
                     if switch is not None:
                         self._switch(switch)
                         switched = True
                 stopping = limit is not None and units_done - unit_start >= limit and not done
                 every = cfg.log.save_every
-                if switched or done or stopping or (every and units_done % every == 0):
+                saving = switched or done or stopping or (every and units_done % every == 0)
+                if saving:
                     self.save_last(layout, step)
                 if stopping:
                     what = "epoch(s) (max_epochs)" if task.unit == "epoch" else "iteration(s) (max_iters)"
                     log.write(f"stopping after {limit} {what} at step {step}; run the same command again to resume")
                     log.close()
                     key = "stopped_at_epoch" if task.unit == "epoch" else "stopped_at_iteration"
+                    interrupt.release(check=not env.distributed)  # a SIGTERM / SIGINT meanwhile: stop as asked
                     return {key: units_done}
+            guard.stop_if_requested(layout, step, saved=at_end and bool(saving))
             t_step = time.time()
+        # a request that came after the last step's check stops here (checkpoint-last is saved); with several
+        # processes only the loop's agreed check stops (one rank alone leaving would hang the others)
+        interrupt.release(check=not env.distributed)
 
         if self.last_eval is None or self.last_eval["step"] != total:
             self._evaluate(total)  # a finished run started again, or a task that evaluated nothing
@@ -476,21 +586,21 @@ class Trainer:
                 merged.setdefault(split, {}).update(files)
         return merged
 
-    def _log_line(self, step: int, epoch: int, window: Meter, grad_norm) -> None:
+    def _log_line(self, step: int, epoch: int, window: Meter, grad_norm, skipped: dict) -> None:
+        """A metrics line: the means over the window's applied steps (the losses of steps skipped for a
+        non-finite loss are not in them: `skipped_steps`, `skipped_steps_total` count those)."""
         means = window.means()
         loss = means.get("loss", math.nan)
-        if not math.isfinite(loss):
-            hint = " (fp16: try amp=bf16)" if self.run.amp == "fp16" else ""
-            raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}){hint}: {means}")
         dt = max(time.time() - window.since, 1e-9)
-        steps = window.micro / max(self.run.accum, 1)
+        steps = window.micro / max(self.run.accum, 1) + skipped.get("skipped_steps", 0)
         fields = {
             "epoch": epoch,
             **self.task.log_fields(),
             **means,
-            "lr": self.stepper.lr(step - 1),
+            "lr": self.stepper.lr(max(self.stepper.applied - 1, 0)),
             "images_per_s": window.images * self.env.world_size / dt,
             "s_per_step": dt / max(steps, 1e-9),
+            **skipped,
         }
         if grad_norm is not None:
             fields["grad_norm"] = float(grad_norm)
@@ -539,6 +649,8 @@ class Trainer:
                 "config": to_dict(self.cfg),
             }
             ckpt.save(state, path)
+        if self.guard is not None:
+            self.guard.saved(task.out / "checkpoint-last.pth", step)
         dist.barrier()
 
     def _results(self, speed: dict) -> dict:
@@ -547,6 +659,8 @@ class Trainer:
         record.setdefault("pretraining", self.pretraining)
         record.setdefault("checkpoints", dict(self.checkpoints))
         record["speed"] = speed
+        if self.guard is not None:
+            record["skipped_steps"] = self.stepper.skipped  # steps skipped for a non-finite loss (nonfinite=skip)
         record.setdefault("config", str(task.out / "config.yaml"))
         corrupt = self._gathered_corrupt()
         record["corrupt_images"] = {

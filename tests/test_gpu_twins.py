@@ -318,8 +318,8 @@ def test_gpu_backend_a_refused_file_falls_back_to_pil_and_a_broken_one_is_named_
     with --device cuda the real decoder runs."""
     import torchvision.io
 
-    from pretrain import datapath as dp
     from core.errors import CorruptImageError
+    from pretrain import datapath as dp
 
     cmyk = (odd_jpegs / "a" / "1_cmyk.jpg").read_bytes()
     real = torchvision.io.decode_jpeg

@@ -196,8 +196,11 @@ def test_resume_refuses_other_data_and_continues_the_runs_bookkeeping(task, requ
     stale = out / ".checkpoint-last.pth.killed.tmp"
     stale.write_bytes(b"half")
     other = other_data(tmp_path)
-    with pytest.raises(ckpt.CheckpointError, match="saved by a run on other training data \\(images: \\d+ -> \\d+"):
+    other_size = "saved by a run on other training data \\(images: \\d+ -> \\d+"
+    with pytest.raises(ckpt.CheckpointError, match=other_size) as e:
         run(config(other, out))
+    # the option to change is named, with the data the run used
+    assert f"): data.root={other} now, the run used {data}; " in str(e.value) and "set data.root to" in str(e.value)
     capsys.readouterr()
     res = run(config(data, out))
     log = capsys.readouterr().out

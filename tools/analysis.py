@@ -48,6 +48,7 @@ from core.data import (
     is_image_file,
     open_rgb,
 )
+from core.errors import one_line
 from core.monitor import file_sha256
 from core.vit import PRESETS, ViT, resize_pos_embed
 from core.weights import read_backbone
@@ -318,6 +319,17 @@ def analyse(
     return probe.results(), skipped
 
 
+def name_skipped(skipped: list[str]) -> None:
+    """One line on stderr per image left out because it does not decode (a truncated JPEG, ...), with why."""
+    for f in skipped:
+        try:
+            open_rgb(f)
+            reason = f"{f}: not decoded"
+        except CorruptImageError as e:
+            reason = one_line(e)
+        print(f"warning: skipped an image that does not decode: {reason}", file=sys.stderr, flush=True)
+
+
 # ------------------------------------------------------------------------------------------------- plots
 def _grid(n: int, per_row: int = 5):
     import matplotlib
@@ -441,6 +453,8 @@ def run(
         t0 = time.time()
         model, desc = load_model(path, img_size, num_heads)
         numbers, skipped = analyse(model, files, batch_size=batch_size, workers=workers, device=device, topk=topk)
+        if not models:  # the same files for every model: named once
+            name_skipped(skipped)
         models.append(
             {
                 "name": name,

@@ -19,8 +19,10 @@ teachers fixed, same epochs), and both students are evaluated as above.
 
 Everything is an ordinary run folder under `--out` (pretraining runs under `pretrain/`, fine-tuning runs
 under `finetune/`), so an interrupted study resumes where it stopped when started again with the same
-command, and `make table` can read the runs. Outputs: `study.json` (`{"protocols": {"linprobe": {
-"random_init": {"mean", "seeds"}, "targets": {"teacher": [{"mean", "seeds"} per stage], ...}}, ...}}`),
+command, and `make table` can read the runs. SIGTERM / SIGINT stop the seed processes of `--jobs N` with the
+driver (`core.interrupt.run_in_processes`), each writing its run's checkpoint-last first.
+Outputs: `study.json` (`{"protocols": {"linprobe": {"random_init": {"mean", "seeds"},
+"targets": {"teacher": [{"mean", "seeds"} per stage], ...}}, ...}}`),
 `study.md`, `study.png` (score against stage, one line per first target, random init as a horizontal line,
 bars = min..max over seeds), `curves.png` (every run's online probe against pretraining epoch);
 `wider.json`, `wider.md` for claim (d). Every checkpoint the study loads prints

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from core import interrupt
 from core.config import ConfigError
 from tools.study.claims import claims, summarize
 from tools.study.plots import plot, plot_curves
@@ -69,14 +70,9 @@ def run_seeds(args, study: str) -> list:
     with its share of the CPU threads) that fill the run folders and the evaluation cache, then here from them."""
     per_seed = PER_SEED[study]
     data = ensure_data(args)
-    if args.jobs > 1 and len(args.seeds) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(args.jobs, len(args.seeds)), mp_context=ctx) as pool:
-            for f in [pool.submit(_seed_job, vars(args), study, s) for s in args.seeds]:
-                f.result()
+    if args.jobs > 1 and len(args.seeds) > 1:  # SIGTERM / SIGINT stop them with this process (core.interrupt)
+        calls = [(vars(args), study, s) for s in args.seeds]
+        interrupt.run_in_processes(_seed_job, calls, jobs=min(args.jobs, len(args.seeds)))
     evaluate = Evaluator(args, data)
     return [per_seed(args, data, evaluate, seed) for seed in args.seeds], evaluate.loads
 

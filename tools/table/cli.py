@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from core.config import ConfigError, check_output_folder
 from tools.table.render import to_markdown, write_all
 from tools.table.rows import make_table
 
@@ -27,6 +28,12 @@ def main(argv=None) -> int:
     if not Path(a.runs).is_dir():
         print(f"error: --runs {a.runs}: no such folder", file=sys.stderr)
         return 2
+    out = a.out or Path(a.runs) / "table"
+    try:
+        check_output_folder("--out", out)  # before any work: a file on the way is one line, not a traceback
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         table = make_table(a.runs, a.labels, duplicates=a.duplicates, ours_only=a.ours_only)
     except ValueError as e:
@@ -34,7 +41,7 @@ def main(argv=None) -> int:
         return 2
     for w in table.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    files = write_all(table, a.out or Path(a.runs) / "table", with_plot=not a.no_plot)
+    files = write_all(table, out, with_plot=not a.no_plot)
     print(to_markdown(table, full=False).rstrip())
     print(f"\nwrote {', '.join(str(f) for f in files.values())}")
     return 0
