@@ -429,7 +429,8 @@ class Trainer:
             interrupt.release(check=False)
             if self.log is not None:  # the progress bar ends its line before the error is printed
                 self.log.close()
-            for loader in self.task.loaders().values():  # no loader worker outlives the run
+            loaders = self.run.loaders().values() if self.run is not None else ()
+            for loader in loaders:  # no loader worker outlives the run
                 shutdown = getattr(getattr(loader.loader, "_iterator", None), "_shutdown_workers", None)
                 if shutdown is not None:
                     shutdown()

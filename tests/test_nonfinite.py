@@ -77,6 +77,9 @@ class ToyTask(Task):
     def evaluate(self, step):
         return {"w0": self.model.weight[0, 0].item()}
 
+    def state_dict(self):
+        return {"model": self.model.state_dict()}
+
 
 def config(out, poison=(), **kw):
     base = dict(

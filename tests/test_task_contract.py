@@ -78,6 +78,8 @@ def toy_config(out):
             "amp": "none",
             "compile": False,
             "resume": "none",
+            "nonfinite": "stop",
+            "nonfinite_max_skips": 0,
             "max_epochs": None,
             "log": {"every": 1, "save_every": None, "tensorboard": False},
         }
