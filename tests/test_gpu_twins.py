@@ -37,10 +37,19 @@ def fp16_stepper(model, device, clip=None) -> Stepper:
     return Stepper(model, opt, amp="fp16", clip_grad=clip, device=device)
 
 
-def loss_of(stepper: Stepper, x: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+def loss_of(stepper: Stepper, x: torch.Tensor) -> torch.Tensor:
     with stepper.autocast():
         out = stepper.model(x)
-    return out.float().square().mean() * factor
+    return out.float().square().mean()
+
+
+def backward(stepper: Stepper, x: torch.Tensor, bad: float | None = None) -> None:
+    """A micro-batch's backward with a finite loss; `bad` (inf / nan) then poisons one gradient element: what an
+    fp16 overflow in the backward pass gives, the GradScaler's case. A non-finite loss is the engine's
+    `nonfinite` policy's case instead (tests/test_nonfinite.py)."""
+    stepper.backward(loss_of(stepper, x))
+    if bad is not None:
+        next(stepper.model.parameters()).grad.view(-1)[0] = bad
 
 
 def moments(opt) -> list[torch.Tensor]:
@@ -73,7 +82,7 @@ def test_fp16_step_with_non_finite_gradients_is_skipped_and_halves_the_scale(dev
     st.step()  # a finite step: moments exist
     w0, m0, scale0 = weights(model), moments(st.optimizer), st.scaler.get_scale()
     assert scale0 == 2.0**16  # the default initial scale, not grown within 2000 steps
-    st.backward(loss_of(st, x, bad))
+    backward(st, x, bad)
     st.step()
     assert same(weights(model), w0) and same(moments(st.optimizer), m0)
     assert st.scaler.get_scale() == scale0 / 2
@@ -108,8 +117,8 @@ def test_fp16_scaler_state_survives_a_resume(device, tmp_path):
     x = torch.randn(16, 4, device=device)
     model = mlp(device)
     st = fp16_stepper(model, device, clip=1.0)
-    for factor in (1.0, float("inf"), 1.0):
-        st.backward(loss_of(st, x, factor))
+    for bad in (None, float("inf"), None):
+        backward(st, x, bad)
         st.step()
     assert st.scaler.get_scale() == 2.0**15
     path = ckpt.save({"model": model.state_dict(), "stepper": st.state_dict()}, tmp_path / "last.pth")
@@ -121,9 +130,9 @@ def test_fp16_scaler_state_survives_a_resume(device, tmp_path):
     resumed.load_state_dict(state["stepper"])
     assert resumed.scaler.get_scale() == 2.0**15 and resumed.step_count == st.step_count == 3
     assert resumed.scaler.state_dict() == st.scaler.state_dict()
-    for factor in (1.0, float("nan"), 1.0):
+    for bad in (None, float("nan"), None):
         for s in (st, resumed):
-            s.backward(loss_of(s, x, factor))
+            backward(s, x, bad)
             s.step()
     assert st.scaler.get_scale() == resumed.scaler.get_scale() == 2.0**14
     assert same(weights(model), weights(resumed_model))
@@ -132,7 +141,7 @@ def test_fp16_scaler_state_survives_a_resume(device, tmp_path):
 def test_a_new_optimizer_at_a_stage_switch_gets_a_fresh_scaler_for_the_device(device):
     model = mlp(device)
     st = fp16_stepper(model, device)
-    st.backward(loss_of(st, torch.randn(4, 4, device=device), float("inf")))
+    backward(st, torch.randn(4, 4, device=device), float("inf"))
     st.step()
     assert st.scaler.get_scale() == 2.0**15
     st.swap(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
