@@ -518,7 +518,7 @@ class Trainer:
                 units_done = epoch + 1
             else:
                 at_end, units_done = True, step
-            switched = False
+            switched = saving = False
             if at_end:
                 every = self.run.eval_every
                 if done or (every and units_done % every == 0):
@@ -542,7 +542,7 @@ class Trainer:
                     key = "stopped_at_epoch" if task.unit == "epoch" else "stopped_at_iteration"
                     interrupt.release(check=not env.distributed)  # a SIGTERM / SIGINT meanwhile: stop as asked
                     return {key: units_done}
-            guard.stop_if_requested(layout, step, saved=at_end and bool(saving))
+            guard.stop_if_requested(layout, step, saved=bool(saving))
             t_step = time.time()
         # a request that came after the last step's check stops here (checkpoint-last is saved); with several
         # processes only the loop's agreed check stops (one rank alone leaving would hang the others)

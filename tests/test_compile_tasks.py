@@ -9,6 +9,7 @@ Inductor compiles take a minute or more on two cores: fine-tuning runs in `make 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 from conftest import detection_config, finetune_config, pretrain_config, segmentation_config
@@ -67,10 +68,7 @@ def test_finetune_compiled_equals_eager_across_a_resume(tiny_imagenet, tmp_path,
 def test_pretrain_compiled_equals_eager_across_a_stage_switch_and_a_resume(tiny_imagenet, tmp_path, eager_random):
     from pretrain.train import run
 
-    def config(out, *extra):
-        return pretrain_config(tiny_imagenet, out, *extra)
-
-    eager, compiled = eager_and_resumed_compiled(run, config, tmp_path, "max_epochs=1")
+    eager, compiled = eager_and_resumed_compiled(run, partial(pretrain_config, tiny_imagenet), tmp_path, "max_epochs=1")
     compare(eager, compiled, steps=8)
 
 
@@ -78,10 +76,7 @@ def test_pretrain_compiled_equals_eager_across_a_stage_switch_and_a_resume(tiny_
 def test_detection_compiled_backbone_equals_eager_across_a_resume(tiny_coco, tmp_path, eager_random):
     from detection.train import run
 
-    def config(out, *extra):
-        return detection_config(tiny_coco, out, *extra)
-
-    eager, compiled = eager_and_resumed_compiled(run, config, tmp_path, "max_iters=3")
+    eager, compiled = eager_and_resumed_compiled(run, partial(detection_config, tiny_coco), tmp_path, "max_iters=3")
     compare(eager, compiled, steps=6)
 
 
@@ -89,8 +84,7 @@ def test_detection_compiled_backbone_equals_eager_across_a_resume(tiny_coco, tmp
 def test_segmentation_compiled_equals_eager_across_a_resume(tiny_ade20k, tmp_path, eager_random):
     from segmentation.train import run
 
-    def config(out, *extra):
-        return segmentation_config(tiny_ade20k, out, *extra)
-
-    eager, compiled = eager_and_resumed_compiled(run, config, tmp_path, "max_iters=2")
+    eager, compiled = eager_and_resumed_compiled(
+        run, partial(segmentation_config, tiny_ade20k), tmp_path, "max_iters=2"
+    )
     compare(eager, compiled, steps=4)
